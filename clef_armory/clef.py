@@ -1,0 +1,344 @@
+"""Getting a Clef binary we can trust, for the laptop (tests) or the device (ARMv7).
+
+Three sources, one function (`acquire`):
+
+- ``source``: ``go install github.com/ethereum/go-ethereum/cmd/clef@vX.Y.Z`` with reproducible flags; Go
+  verifies every module against go.sum and the checksum database. Cached by version, GOARCH, GOARM and Go
+  version.
+- ``release``: the official ``geth-alltools`` tarball and its detached OpenPGP signature, verified against the
+  pinned Linux Builder key shipped in ``clef_armory/keys``. Any mismatch is fatal and nothing is cached.
+- ``path:FILE``: a binary the user already has, checked to be an ELF for the wanted architecture and to run.
+
+Clef left go-ethereum after v1.17.3, so the version is a setting (``clef_version`` in invoke.yaml) and
+``RELEASE_COMMITS`` records the commit prefix the release file names carry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from clef_armory.errors import ClefError, PrerequisiteError, VerificationError
+
+MODULE = "github.com/ethereum/go-ethereum/cmd/clef"
+RELEASE_BASE_URL = "https://gethstore.blob.core.windows.net/builds/"
+KEYS_DIR = Path(__file__).resolve().parent / "keys"
+LINUX_BUILDER_KEY = KEYS_DIR / "geth-linux-builder.asc"
+LINUX_BUILDER_FINGERPRINT = "FDE5A1A044FA13D2F7ADA019A61A13569BA28146"
+# First 8 hex digits of the tagged commit, as used in the release file names.
+RELEASE_COMMITS = {"1.17.3": "117e067f"}
+MIN_GO = (1, 21)  # first Go that can fetch the newer toolchain go-ethereum's go.mod asks for
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """A target architecture: how Go names it, how releases name it, how ELF headers name it."""
+
+    name: str
+    goarch: str
+    goarm: str | None
+    release: str
+    elf_class: int  # 1 = 32-bit, 2 = 64-bit
+    elf_machine: int
+
+
+ARCHS = {
+    "amd64": Arch("amd64", "amd64", None, "amd64", 2, 62),
+    "arm64": Arch("arm64", "arm64", None, "arm64", 2, 183),
+    "armv7": Arch("armv7", "arm", "7", "arm7", 1, 40),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClefBinary:
+    """A checked Clef binary and what the build manifest records about it."""
+
+    path: Path
+    version: str
+    source: str
+    sha256: str
+    arch: str
+
+    def manifest(self) -> dict[str, str]:
+        return {"version": self.version, "source": self.source, "sha256": self.sha256, "arch": self.arch}
+
+
+def host_arch() -> str:
+    """The laptop's architecture in our naming (tests run Clef natively)."""
+    machine = os.uname().machine
+    mapping = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "armv7"}
+    if machine not in mapping:
+        raise ClefError(f"unsupported host architecture {machine}")
+    return mapping[machine]
+
+
+def acquire(
+    spec: str,
+    *,
+    version: str,
+    arch: str,
+    cache_dir: Path,
+    release_base_url: str = RELEASE_BASE_URL,
+    keyring: Path = LINUX_BUILDER_KEY,
+    fingerprint: str = LINUX_BUILDER_FINGERPRINT,
+    log: Log = print,
+) -> ClefBinary:
+    """Return a verified Clef for `arch` from `spec` ('source', 'release' or 'path:FILE')."""
+    if arch not in ARCHS:
+        raise ClefError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
+    target = ARCHS[arch]
+    if spec == "source":
+        return _from_source(version, target, cache_dir, log)
+    if spec == "release":
+        return _from_release(version, target, cache_dir, release_base_url, keyring, fingerprint, log)
+    if spec.startswith("path:"):
+        return _from_path(Path(spec[5:]).expanduser(), version, target)
+    raise ClefError(f"unknown Clef source {spec!r}: use source, release or path:FILE")
+
+
+# --- checks shared by every source -------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_elf(path: Path, target: Arch) -> None:
+    """Refuse anything that is not an ELF executable for `target`."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(20)
+    except OSError as e:
+        raise ClefError(f"cannot read {path}: {e.strerror}") from None
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        raise VerificationError(f"{path} is not an ELF executable")
+    elf_class, data = head[4], head[5]
+    endian = "<" if data == 1 else ">"
+    (machine,) = struct.unpack(endian + "H", head[18:20])
+    if elf_class != target.elf_class or machine != target.elf_machine:
+        bits = {1: "32", 2: "64"}.get(elf_class, "?")
+        raise VerificationError(
+            f"{path} is a {bits}-bit ELF for machine {machine}, not for {target.name}"
+        )
+
+
+def run_version(path: Path, target: Arch) -> str:
+    """Run `clef --version` (through qemu-user for ARM via binfmt) and return the version string."""
+    argv = [str(path), "--version"]
+    if target.name != host_arch() and target.goarch == "arm" and shutil.which("qemu-arm-static"):
+        argv = ["qemu-arm-static", *argv]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except OSError as e:
+        raise ClefError(f"cannot run {path}: {e.strerror}") from None
+    except subprocess.TimeoutExpired:
+        raise ClefError(f"{path} --version did not finish within 60 s") from None
+    m = re.search(r"Clef version (\S+)", out.stdout + out.stderr)
+    if out.returncode != 0 or not m:
+        raise ClefError(f"{path} --version failed: {(out.stderr or out.stdout).strip()[:200]}")
+    return m.group(1)
+
+
+def _checked(path: Path, version: str, target: Arch, source: str) -> ClefBinary:
+    check_elf(path, target)
+    reported = run_version(path, target)
+    if reported.split("-")[0] != version:
+        raise VerificationError(f"{path} reports Clef {reported}, expected {version}")
+    return ClefBinary(path, reported, source, sha256_file(path), target.name)
+
+
+def _install_atomically(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    tmp.chmod(0o755)
+    os.replace(tmp, dest)
+
+
+# --- source --------------------------------------------------------------------------------------
+
+
+def go_binary() -> Path:
+    found = shutil.which("go") or next(
+        (p for p in ("/usr/local/go/bin/go", "/usr/lib/go/bin/go") if Path(p).exists()), None
+    )
+    if not found:
+        raise PrerequisiteError(
+            "Go is not installed: apt-get install golang-go (Go >= 1.21), or use --clef release"
+        )
+    return Path(found)
+
+
+def go_version(go: Path) -> str:
+    out = subprocess.run([str(go), "env", "GOVERSION"], capture_output=True, text=True, check=False)
+    m = re.match(r"go(\d+)\.(\d+)", out.stdout.strip())
+    if out.returncode != 0 or not m:
+        raise PrerequisiteError(f"cannot tell the version of {go}")
+    if (int(m.group(1)), int(m.group(2))) < MIN_GO:
+        raise PrerequisiteError(
+            f"{out.stdout.strip()} is too old to build Clef (need Go >= 1.21); "
+            "install a newer golang-go or use --clef release"
+        )
+    return out.stdout.strip()
+
+
+def _from_source(version: str, target: Arch, cache_dir: Path, log: Log) -> ClefBinary:
+    go = go_binary()
+    gover = go_version(go)
+    key = f"{version}-{target.goarch}{'v' + target.goarm if target.goarm else ''}-{gover}"
+    cached = cache_dir / "clef" / key / "clef"
+    if cached.exists():
+        return _checked(cached, version, target, "source")
+    log(f"building Clef {version} for {target.name} with {gover} (a few minutes the first time)")
+    with tempfile.TemporaryDirectory(prefix="clef-build-") as tmp:
+        env = {
+            **os.environ,
+            "GOPATH": tmp,
+            "GOMODCACHE": str(cache_dir / "go" / "mod"),
+            "GOCACHE": str(cache_dir / "go" / "build"),
+            "GOFLAGS": "-modcacherw",
+            "CGO_ENABLED": "0",
+            "GOOS": "linux",
+            "GOARCH": target.goarch,
+        }
+        env.pop("GOBIN", None)
+        if target.goarm:
+            env["GOARM"] = target.goarm
+        argv = [
+            str(go), "install", "-trimpath", "-buildvcs=false", "-ldflags=-buildid=",
+            f"{MODULE}@v{version}",
+        ]  # fmt: skip
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            last = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise ClefError(f"building Clef {version} for {target.name} failed: {last[0]}")
+        built = next(iter(sorted(Path(tmp, "bin").rglob("clef"))), None)
+        if built is None:
+            raise ClefError("go install finished but produced no clef binary")
+        _checked(built, version, target, "source")
+        _install_atomically(built, cached)
+    return _checked(cached, version, target, "source")
+
+
+# --- release -------------------------------------------------------------------------------------
+
+
+def release_name(version: str, target: Arch) -> str:
+    commit = RELEASE_COMMITS.get(version)
+    if commit is None:
+        raise ClefError(f"no known release commit for Clef {version}; add it to RELEASE_COMMITS")
+    return f"geth-alltools-linux-{target.release}-{version}-{commit}"
+
+
+def _download(url: str, dest: Path, what: str) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, dest.open("wb") as out:  # noqa: S310
+            shutil.copyfileobj(resp, out)
+    except urllib.error.HTTPError as e:
+        raise ClefError(f"cannot download the {what} {url}: HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise ClefError(f"cannot download the {what} {url}: {reason}") from None
+
+
+def verify_signature(archive: Path, signature: Path, keyring: Path, fingerprint: str) -> None:
+    """Check a detached signature with gpg in a throw-away home holding only the pinned key."""
+    if not shutil.which("gpg"):
+        raise PrerequisiteError("gpg is not installed: apt-get install gnupg")
+    want = fingerprint.replace(" ", "").upper()
+    with tempfile.TemporaryDirectory(prefix="clef-gpg-") as home:
+        base = ["gpg", "--homedir", home, "--batch", "--no-tty", "--no-auto-key-retrieve"]
+        imp = subprocess.run([*base, "--import", str(keyring)], capture_output=True, check=False)
+        if imp.returncode != 0:
+            raise VerificationError(f"cannot import the pinned signing key {keyring}")
+        res = subprocess.run(
+            [*base, "--status-fd", "1", "--verify", str(signature), str(archive)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    valid = [ln.split() for ln in res.stdout.splitlines() if ln.startswith("[GNUPG:] VALIDSIG ")]
+    if res.returncode != 0 or not valid:
+        if "NO_PUBKEY" in res.stdout:
+            raise VerificationError(
+                f"{archive.name} is not signed by the pinned key {want} (signed by an unknown key)"
+            )
+        if "BADSIG" in res.stdout:
+            raise VerificationError(f"bad signature on {archive.name}: the archive was altered")
+        raise VerificationError(f"cannot verify the signature of {archive.name}")
+    # VALIDSIG <sig fpr> ... <primary key fpr> is the last field.
+    primary = valid[0][-1].upper()
+    if primary != want and valid[0][2].upper() != want:
+        raise VerificationError(f"{archive.name} is signed by {primary}, not by the pinned {want}")
+
+
+def _extract_clef(archive: Path, name: str, dest: Path) -> None:
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            member = next(
+                (m for m in tar.getmembers() if m.name in (f"{name}/clef", f"./{name}/clef")), None
+            )
+            if member is None or not member.isfile():
+                raise ClefError(f"{archive.name} has no {name}/clef")
+            src = tar.extractfile(member)
+            assert src is not None
+            with dest.open("wb") as out:
+                shutil.copyfileobj(src, out)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise VerificationError(f"{archive.name} is not a readable tar.gz: {e}") from None
+    dest.chmod(0o755)
+
+
+def _from_release(
+    version: str,
+    target: Arch,
+    cache_dir: Path,
+    base_url: str,
+    keyring: Path,
+    fingerprint: str,
+    log: Log,
+) -> ClefBinary:
+    name = release_name(version, target)
+    want = fingerprint.replace(" ", "").upper()
+    cached = cache_dir / "clef" / f"release-{version}-{target.release}-{want[-16:]}" / "clef"
+    if cached.exists():
+        return _checked(cached, version, target, "release")
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    log(f"downloading {name}.tar.gz and its signature")
+    with tempfile.TemporaryDirectory(prefix="clef-release-") as tmp:
+        archive, signature = Path(tmp, f"{name}.tar.gz"), Path(tmp, f"{name}.tar.gz.asc")
+        _download(base + archive.name, archive, "archive")
+        _download(base + signature.name, signature, "signature")
+        verify_signature(archive, signature, keyring, fingerprint)
+        extracted = Path(tmp, "clef")
+        _extract_clef(archive, name, extracted)
+        binary = _checked(extracted, version, target, "release")
+        _install_atomically(extracted, cached)
+        record = {**binary.manifest(), "archive": archive.name, "archive_sha256": sha256_file(archive)}
+        (cached.parent / "release.json").write_text(json.dumps(record, indent=2) + "\n")
+    return _checked(cached, version, target, "release")
+
+
+# --- path ----------------------------------------------------------------------------------------
+
+
+def _from_path(path: Path, version: str, target: Arch) -> ClefBinary:
+    if not path.is_file():
+        raise ClefError(f"Clef binary {path} does not exist")
+    return _checked(path.resolve(), version, target, "path")
