@@ -17,7 +17,7 @@ HOST_PACKAGES=(
   mmdebstrap qemu-user-static binfmt-support arch-test
   e2fsprogs fdisk bmap-tools gnupg zstd xz-utils
   device-tree-compiler u-boot-tools
-  qemu-system-arm openssh-client openssh-server nftables iproute2 util-linux
+  qemu-system-arm qemu-utils openssh-client openssh-server nftables iproute2 util-linux graphviz
 )
 
 if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else SUDO="-"; fi
@@ -26,6 +26,9 @@ missing=()
 for p in "${HOST_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Node.js and npm (the ethers.js client tests) may come from Debian or from elsewhere: check the commands.
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then
   [ "$SUDO" = "-" ] && die "missing host packages; run as root: apt-get install -y ${missing[*]}"
   say "installing host packages: ${missing[*]}"

@@ -25,3 +25,229 @@ def test(c: Context, fast: bool = False, k: str = "", lint: bool = True) -> None
     from clef_armory import testrun
 
     testrun.run(settings_from(c), fast=fast, select=k, lint=lint)
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        "board": "mk2 | mk1 | qemu (default: invoke.yaml).",
+        "suite": "Debian suite of the device's root filesystem (default: invoke.yaml, trixie).",
+        "mirror": "Debian mirror URL (default: invoke.yaml).",
+        "clef": "Where Clef (ARMv7) comes from: source | release | path:FILE.",
+        "ssh_key": "Admin's SSH public key for the device (default: ~/.ssh/id_ed25519.pub).",
+        "bootloader": "Bootloader file to write at the board's offset (Mk II: required).",
+        "size": "Raw image size, e.g. 3500M (default: invoke.yaml).",
+        "output": "Output directory; the image goes to <output>/<board>/ (default: build/).",
+        "usb_net": "USB network function: ecm (default), rndis or ncm (for Windows hosts).",
+    },
+)
+@user_errors
+def build_image(c: Context, board: str | None = None, suite: str | None = None,
+                mirror: str | None = None, clef: str | None = None, ssh_key: str | None = None,
+                bootloader: str | None = None, size: str | None = None, output: str | None = None,
+                usb_net: str = "ecm") -> None:
+    """Build the device's disk image (rootfs cached; see docs/image.md)."""
+    from pathlib import Path
+
+    from image.build import build_image as build
+
+    settings = settings_from(c, board=board, suite=suite, mirror=mirror, clef_source=clef,
+                             ssh_key=ssh_key, image_size=size, output_dir=output)
+    result = build(settings, bootloader=Path(bootloader) if bootloader else None,
+                   usb_function=usb_net)
+    print(f"image: {result.image}")
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        "device": "Whole disk to write, e.g. /dev/sdX or /dev/disk/by-id/usb-... (never a partition).",
+        "image": "Image to write (.img, .img.zst or .img.xz); default: newest in build/<board>/.",
+        "bmap": "Block map of the image; default: the .bmap next to it.",
+        "to_file": "Write to this regular file instead of a disk (for VMs).",
+        "yes": "Do not ask to type the device name (the safety checks still run).",
+        "verify": "Read every written block back and check it (default on; --no-verify skips).",
+        "eject": "Power off / detach the device when done (default on; --no-eject keeps it).",
+        "force": "Allow a disk whose transport is not USB or MMC (e.g. an internal or loop disk).",
+        "emmc": "Mk II internal eMMC: guide through USB boot mode and expose it with armory-ums.",
+        "ums_image": "armory-ums.imx for --emmc; default: <cache_dir>/armory-ums/armory-ums.imx.",
+        "board": "Board whose newest image to use when --image is not given (default: invoke.yaml).",
+    }
+)
+@user_errors
+def flash(c: Context, device: str = "", image: str = "", bmap: str = "", to_file: str = "",
+          yes: bool = False, verify: bool = True, eject: bool = True, force: bool = False,
+          emmc: bool = False, ums_image: str = "", board: str | None = None) -> None:
+    """Write the image to a microSD card or the Mk II eMMC: checked, fast, verified."""
+    from pathlib import Path
+
+    from image import flash as flashing
+    from image.bmap import human_size
+
+    settings = settings_from(c, board=board)
+    if emmc:
+        if device or to_file:
+            from clef_armory.errors import ConfigError
+
+            raise ConfigError("--emmc finds the eMMC itself; do not combine it with --device or --to-file")
+        device = flashing.expose_emmc(settings, Path(ums_image) if ums_image else None, print)
+    request = flashing.FlashRequest(
+        device=device, image=Path(image) if image else None, bmap=Path(bmap) if bmap else None,
+        to_file=Path(to_file) if to_file else None, yes=yes, verify=verify, eject=eject,
+        force=force)
+    result = flashing.flash(settings, request)
+    checked = f", verified {human_size(result.verify.bytes_read)}" if result.verify else ""
+    print(f"wrote {human_size(result.write.bytes_written)} to {result.target} in "
+          f"{result.write.seconds:.1f} s{checked}")
+    if result.eject_note:
+        print(result.eject_note)
+    if emmc:
+        print("slide the boot switch toward the eMMC to boot from it")
+
+
+_SSH_HELP = {
+    "host": "Device address over the USB link (10.0.0.1).",
+    "port": "SSH port on the device.",
+    "user": "Admin user to log in as (the image's admin user, 'armory').",
+    "identity": "SSH private key file (default: ssh-agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa).",
+    "known_hosts": "known_hosts pinning the device's host key (default: build/<board>/known_hosts).",
+    "password_file": "Read passwords once from this 0600 file ('master: ...', 'account: ...').",
+    "json": "Print JSON for scripts instead of a table.",
+}
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        **_SSH_HELP,
+        "accounts": "How many accounts the device should hold (new ones are created on the device).",
+        "import_keystore": "Import this encrypted (v3) keystore file (the key has existed off the device).",
+        "rules": "Clef rules.js file to install and attest.",
+        "policy": "Policy YAML to render rules.js from (see docs/policy.md).",
+        "chain_id": "Chain id for the policy's default and the agent (default: invoke.yaml).",
+        "checks": "Run the key-handling checks at the end (default on).",
+    }
+)
+@user_errors
+def provision(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
+              known_hosts: str = "", accounts: int = 1, import_keystore: str = "", rules: str = "",
+              policy: str = "", chain_id: int | None = None, password_file: str = "",
+              checks: bool = True, json: bool = False) -> None:
+    """Set Clef up on the device over SSH (seed, accounts, rules, agent), then check it."""
+    from pathlib import Path
+
+    from clef_armory.errors import ProvisionError
+    from provision import commands, report
+    from provision.secrets import Passwords
+
+    settings = settings_from(c, chain_id=chain_id)
+    inputs = commands.ProvisionInputs(
+        accounts=accounts, import_keystore=Path(import_keystore) if import_keystore else None,
+        rules_file=Path(rules) if rules else None, policy_file=Path(policy) if policy else None,
+        chain_id=settings.chain_id, run_checks=checks)
+    passwords = Passwords(Path(password_file) if password_file else None)
+    session = commands.session_for(settings, host, port, user, identity, known_hosts)
+    steps, results = commands.provision(session, passwords, inputs, say=(lambda _: None) if json else print)
+    print(report.as_json(steps, results) if json else report.steps_table(steps))
+    if results and not json:
+        print(report.checks_table(results))
+    if commands.failed(results):
+        raise ProvisionError(f"{len(commands.failed(results))} key-handling check(s) failed")
+
+
+@task(auto_shortflags=False, help={**_SSH_HELP})
+@user_errors
+def unlock(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
+           known_hosts: str = "", password_file: str = "", json: bool = False) -> None:
+    """Give the agent the master password after a boot and wait until it is ready."""
+    import json as jsonlib
+    from pathlib import Path
+
+    from provision import commands
+    from provision.secrets import Passwords
+
+    session = commands.session_for(settings_from(c), host, port, user, identity, known_hosts)
+    health = commands.unlock(session, Passwords(Path(password_file) if password_file else None))
+    print(jsonlib.dumps(health) if json else f"agent {health.get('state')} (Clef {health.get('clef')})")
+
+
+@task(auto_shortflags=False, help={**_SSH_HELP, "search_passwords": "Ask for the passwords and search the device for them."})
+@user_errors
+def check(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
+          known_hosts: str = "", password_file: str = "", search_passwords: bool = True,
+          json: bool = False) -> None:
+    """Run the key-handling checks alone; non-zero exit if any fails."""
+    from pathlib import Path
+
+    from clef_armory.errors import ProvisionError
+    from provision import commands, report
+    from provision.secrets import Passwords
+
+    session = commands.session_for(settings_from(c), host, port, user, identity, known_hosts)
+    passwords = Passwords(Path(password_file) if password_file else None) if search_passwords else None
+    results = commands.check(session, passwords)
+    print(report.as_json(results=results) if json else report.checks_table(results))
+    if commands.failed(results):
+        raise ProvisionError(f"{len(commands.failed(results))} key-handling check(s) failed")
+
+
+@task(auto_shortflags=False, help={k: v for k, v in _SSH_HELP.items() if k != "password_file"})
+@user_errors
+def status(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
+           known_hosts: str = "", json: bool = False) -> None:
+    """Show what is set up on the device and whether the agent is ready."""
+    import json as jsonlib
+
+    from provision import commands
+
+    session = commands.session_for(settings_from(c), host, port, user, identity, known_hosts)
+    st = commands.status(session)
+    if json:
+        print(jsonlib.dumps(st, indent=2))
+        return
+    dev, agent = st["device"], st["agent"] or {}
+    print(f"master seed  {'present' if dev['masterseed'] else 'absent'}")
+    print(f"accounts     {', '.join(a['address'] for a in dev['accounts']) or 'none'}")
+    print(f"rules        {(dev['rules_sha256'] or 'none')[:16]} (attested {(dev['rules_record'] or 'none')[:16]})")
+    print(f"agent        {agent.get('state', 'not answering')}, rules {agent.get('rules', '?')}")
+    print(f"link health  {st['health']}")
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        "image": "Image to boot (default: the one in build/qemu/).",
+        "memory": "Guest RAM in MiB (default 512, the USB armory Mk II's).",
+        "cpus": "Emulated CPUs (default 2; the Mk II has 1, more only speeds up emulation).",
+        "timeout": "Seconds to wait for sshd to answer before giving up (default 900).",
+        "state": "qcow2 file keeping the device's disk between runs (created on first use); "
+                 "default: a throwaway overlay. The built image is never modified.",
+        "hold": "Keep the guest running until Ctrl-C (default on; --no-hold stops it once sshd answers).",
+    }
+)
+@user_errors
+def run_qemu(c: Context, image: str = "", memory: int = 512, cpus: int = 2, timeout: float = 900.0,
+             state: str = "", hold: bool = True) -> None:
+    """Boot the qemu board's image in qemu-system-arm: a stand-in device reachable through loopback ports."""
+    import time
+    from pathlib import Path
+
+    from provision import qemu
+
+    settings = settings_from(c)
+    guest = qemu.QemuGuest(qemu.find_image(settings, Path(image) if image else None), memory_mib=memory,
+                           cpus=cpus, boot_timeout=timeout, state=Path(state) if state else None)
+    with guest:
+        print(f"ssh:   127.0.0.1:{guest.ssh_port} -> 10.0.0.1:22  (pinned key: {guest.known_hosts()})")
+        print(f"agent: 127.0.0.1:{guest.agent_port} -> 10.0.0.1:8550  "
+              "(send 'Host: 10.0.0.1:8550'; see docs/troubleshooting.md)")
+        print(f"console log: {guest.console_log}")
+        if hold:
+            print("running; Ctrl-C powers the guest off")
+            try:
+                while guest.running:
+                    time.sleep(1.0)
+            except KeyboardInterrupt:
+                pass
+        print("powering off ...")
+    print("guest stopped")

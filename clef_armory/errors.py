@@ -40,3 +40,7 @@ class ProvisionError(ArmoryError):
 
 class HostKeyError(ProvisionError):
     """The device's SSH host key is unknown or differs from the pinned one."""
+
+
+class QemuError(ArmoryError):
+    """The emulated device (qemu-system-arm) could not be started, reached or stopped."""

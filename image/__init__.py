@@ -1,0 +1,1 @@
+"""Disk images: building them and writing them safely to block devices."""

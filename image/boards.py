@@ -1,0 +1,133 @@
+"""Boards as data: everything that differs between the USB armory Mk I, Mk II and the qemu stand-in.
+
+Each board is one frozen ``Board`` value in ``BOARDS``. Code never branches on a board's name; it
+reads these fields (how to boot, where the bootloader goes, which device tree, which console).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MIB = 1 << 20
+# Vendor layout: MBR, one ext4 partition from 5 MiB to the end of the image.
+PARTITION_START = 5 * MIB
+
+
+@dataclasses.dataclass(frozen=True)
+class Led:
+    """A GPIO LED, as the device tree names it (``/sys/class/leds/<name>``)."""
+
+    name: str
+    gpio: str  # SoC pin, e.g. "GPIO4_21"
+    active_low: bool
+    default_trigger: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Bootloader:
+    """Where a board's bootloader comes from and where it goes on the disk."""
+
+    offset: int  # byte offset on the raw disk
+    limit: int  # first byte the bootloader must not reach (partition start, or an env area)
+    # One of the two sources below; a --bootloader FILE overrides either.
+    deb_package: str | None = None  # Debian package that ships it...
+    deb_path: str | None = None  # ...and its path inside the package
+    url: str | None = None  # pinned download
+    sha256: str | None = None  # pinned digest of the download
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTree:
+    """The board's dtb: a file Debian's kernel ships, or our own .dts compiled at build time."""
+
+    dtb_name: str  # file name under /boot/dtbs/ on the device
+    from_kernel: str | None = None  # path glob inside the rootfs (Debian-shipped dtb)
+    dts_file: str | None = None  # our source in image/dts/ (compiled against the kernel's dtsi)
+    compatible: str | None = None  # the board's most specific compatible string
+
+
+@dataclasses.dataclass(frozen=True)
+class Board:
+    """One target. ``boot`` is "extlinux" (U-Boot distro boot) or "direct" (qemu -kernel/-initrd)."""
+
+    name: str
+    description: str
+    boot: str
+    console: str  # kernel console= value
+    root_device: str  # what the kernel mounts; a PARTUUID keeps it independent of slot numbering
+    gadget: bool  # usb0 is a USB gadget (configfs) rather than a renamed NIC
+    hw_rng: bool
+    leds: tuple[Led, ...] = ()
+    device_tree: DeviceTree | None = None
+    bootloader: Bootloader | None = None
+    extra_cmdline: tuple[str, ...] = ()
+    outputs_kernel: bool = False  # also place vmlinuz/initrd.img next to the image (qemu boots them)
+
+    def cmdline(self, root: str) -> str:
+        return " ".join(["root=" + root, "rw", "rootwait", f"console={self.console}", *self.extra_cmdline])
+
+
+MK1 = Board(
+    name="mk1",
+    description="USB armory Mk I (i.MX53), microSD",
+    boot="extlinux",
+    console="ttymxc0,115200",
+    root_device="partuuid",
+    gadget=True,
+    hw_rng=False,
+    leds=(Led("LED", "GPIO4_27", True, "heartbeat"),),
+    device_tree=DeviceTree(
+        dtb_name="imx53-usbarmory.dtb",
+        from_kernel="usr/lib/linux-image-*/imx53-usbarmory.dtb",
+        compatible="inversepath,imx53-usbarmory",
+    ),
+    bootloader=Bootloader(
+        offset=1024,
+        # Debian's U-Boot keeps its environment at 0x60000, inside its own binary: we never saveenv,
+        # so the only hard limit is the partition.
+        limit=PARTITION_START,
+        deb_package="u-boot-imx",
+        deb_path="usr/lib/u-boot/usbarmory/u-boot-dtb.imx",
+    ),
+)
+
+MK2 = Board(
+    name="mk2",
+    description="USB armory Mk II (i.MX6ULZ/6UL), microSD or eMMC",
+    boot="extlinux",
+    console="ttymxc1,115200",
+    root_device="partuuid",
+    gadget=True,
+    hw_rng=True,
+    leds=(
+        Led("LED_WHITE", "GPIO4_21", True, "none"),
+        Led("LED_BLUE", "GPIO4_22", True, "heartbeat"),
+    ),
+    device_tree=DeviceTree(
+        dtb_name="imx6ulz-usbarmory.dtb",
+        dts_file="imx6ulz-usbarmory.dts",
+        compatible="usbarmory,imx6ulz-usbarmory-mk2",
+    ),
+    bootloader=Bootloader(
+        offset=1024,
+        # The Mk II U-Boot keeps its environment at 1 MiB: the bootloader must end before it.
+        limit=1 * MIB,
+        # No Mk II U-Boot is in Debian. A pinned download needs a digest we have verified ourselves;
+        # none is recorded yet, so --bootloader FILE is required (see docs/image.md).
+        url=None,
+        sha256=None,
+    ),
+)
+
+QEMU = Board(
+    name="qemu",
+    description="qemu-system-arm -M virt stand-in (virtio disk, virtio NIC named usb0)",
+    boot="direct",
+    console="ttyAMA0",
+    root_device="/dev/vda1",
+    gadget=False,
+    hw_rng=False,
+    outputs_kernel=True,
+)
+
+BOARDS: dict[str, Board] = {b.name: b for b in (MK2, MK1, QEMU)}

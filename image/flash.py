@@ -1,0 +1,641 @@
+"""Write a disk image to a card (or the Mk II's eMMC) quickly, verifiably, and only where meant.
+
+Order of events, and why:
+
+1. the target is inspected and refused unless it is clearly a spare card (image.blockdev);
+2. it is opened with O_EXCL, so a mount or another program that appears meanwhile stops us;
+3. its first MiB (partition table, bootloader) is blanked before anything else, and the
+   image's own first MiB is written last: a write that is interrupted at any point
+   leaves a card that does not boot, instead of one that half-boots. The rest of the
+   boot area (up to the first partition: the Mk II U-Boot env is at 1 MiB) and the
+   disk's last MiB (a stale backup GPT) are blanked too;
+4. only the blocks the bmap marks as used are written, straight from a raw image or a
+   .zst/.xz stream, and each range is checked against the bmap's checksum as it passes;
+5. every written range is read back (bypassing the page cache) and compared again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import lzma
+import mmap
+import os
+import queue
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+import zstandard
+
+from clef_armory.config import Settings
+from clef_armory.errors import FlashError
+from image import blockdev
+from image import bmap as bmaplib
+from image.bmap import Bmap, human_size
+
+HEAD_BYTES = 1 << 20  # partition table + i.MX bootloader (from 1 KiB): written last
+CHUNK_BYTES = 4 << 20
+IMAGE_SUFFIXES = (".img", ".img.zst", ".img.xz")
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+SDP_USB_ID = ("15a2", "0080")  # i.MX6ULL/ULZ boot ROM in USB serial download mode
+
+Progress = Callable[[int], None]
+
+
+class FlashInterrupted(FlashError):
+    """Ctrl-C during a write: the target is left deliberately unbootable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteStats:
+    bytes_written: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyStats:
+    bytes_read: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashRequest:
+    """What the user asked for; mirrors the task flags."""
+
+    device: str = ""
+    image: Path | None = None
+    bmap: Path | None = None
+    to_file: Path | None = None
+    yes: bool = False
+    verify: bool = True
+    eject: bool = True
+    force: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashResult:
+    target: Path
+    image: Path
+    write: WriteStats
+    verify: VerifyStats | None
+    eject_note: str
+
+
+# ---------------------------------------------------------------- progress
+
+
+class ProgressBar:
+    """One status line with percentage, throughput and ETA; plain lines when not a TTY."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None) -> None:
+        self.label, self.total = label, max(total, 1)
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = time.monotonic()
+        self._last_draw = 0.0
+        self._last_decile = -1
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        decile = min(done * 10 // self.total, 10)
+        if self.tty and now - self._last_draw >= 0.2:
+            self._last_draw = now
+            self.stream.write("\r" + self.line(done, now) + "\033[K")
+            self.stream.flush()
+        elif not self.tty and decile > self._last_decile:
+            self._last_decile = decile
+            self.stream.write(self.line(done, now) + "\n")
+            self.stream.flush()
+
+    def line(self, done: int, now: float) -> str:
+        elapsed = max(now - self.start, 1e-6)
+        rate = done / elapsed
+        pct = 100.0 * done / self.total
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        bar = "#" * int(pct / 5)
+        return (f"{self.label:<9} [{bar:<20}] {pct:5.1f}%  {human_size(done)} of "
+                f"{human_size(self.total)}  {human_size(int(rate))}/s  ETA {int(eta) // 60}:"
+                f"{int(eta) % 60:02d}")
+
+    def finish(self, done: int) -> None:
+        if self.tty:
+            self.stream.write("\r" + self.line(done, time.monotonic()) + "\033[K\n")
+        elif self._last_decile < 10:
+            self.stream.write(self.line(done, time.monotonic()) + "\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------- image side
+
+
+def find_image(settings: Settings, image: Path | None) -> Path:
+    """The given image, or the newest one built for the board in build/<board>/."""
+    if image is not None:
+        if not image.is_file():
+            raise FlashError(f"image {image} does not exist or is not a file")
+        return image
+    folder = settings.output_dir / settings.board
+    found = [p for p in folder.glob("*") if p.is_file() and p.name.endswith(IMAGE_SUFFIXES)]
+    if not found:
+        raise FlashError(f"no image in {folder}/: run `invoke build-image` or pass --image")
+    newest = _raw_name(max(found, key=lambda p: p.stat().st_mtime))
+    # of one build, the raw .img: its holes are skipped, not decompressed
+    same = [p for p in found if _raw_name(p) == newest]
+    return min(same, key=lambda p: len(p.name))
+
+
+def _raw_name(image: Path) -> str:
+    for suffix in (".zst", ".xz"):
+        if image.name.endswith(suffix):
+            return image.name[: -len(suffix)]
+    return image.name
+
+
+def find_bmap(image: Path, bmap: Path | None) -> Path | None:
+    """The bmap next to the image: NAME.img.bmap, NAME.bmap or NAME.img.zst.bmap."""
+    if bmap is not None:
+        if not bmap.is_file():
+            raise FlashError(f"bmap {bmap} does not exist")
+        return bmap
+    raw = _raw_name(image)
+    for name in (raw + ".bmap", raw.removesuffix(".img") + ".bmap", image.name + ".bmap"):
+        if (image.parent / name).is_file():
+            return image.parent / name
+    return None
+
+
+def compression_of(image: Path) -> str:
+    """'zst', 'xz' or '' from the file's magic bytes (the suffix can lie)."""
+    with image.open("rb") as f:
+        magic = f.read(6)
+    if magic.startswith(_ZSTD_MAGIC):
+        return "zst"
+    if magic.startswith(_XZ_MAGIC):
+        return "xz"
+    return ""
+
+
+@contextlib.contextmanager
+def open_image(image: Path) -> Iterator[BinaryIO]:
+    """The image's raw bytes as a stream, decompressing .zst/.xz on the fly."""
+    kind = compression_of(image)
+    with image.open("rb") as raw:
+        if kind == "zst":
+            with zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20) as z:
+                yield z
+        elif kind == "xz":
+            with lzma.open(raw) as x:
+                yield x  # type: ignore[misc]
+        else:
+            yield raw
+
+
+class _SequentialSource:
+    """Reads the image strictly forward, skipping holes by reading past them in a stream."""
+
+    def __init__(self, stream: BinaryIO, seekable: bool) -> None:
+        self.stream, self.seekable, self.pos = stream, seekable, 0
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        if offset < self.pos:
+            raise FlashError("bmap ranges are not in ascending order")
+        if offset > self.pos:
+            if self.seekable:
+                self.stream.seek(offset)
+                self.pos = offset
+            while self.pos < offset:
+                skipped = self.stream.read(min(CHUNK_BYTES, offset - self.pos))
+                if not skipped:
+                    raise FlashError(f"image ended at byte {self.pos}, before the bmap says it "
+                                     "does: truncated download?")
+                self.pos += len(skipped)
+        parts, want = [], length
+        while want:
+            data = self.stream.read(want)
+            if not data:
+                raise FlashError(f"image ended at byte {self.pos}, before the bmap says it does: "
+                                 "truncated download?")
+            parts.append(data)
+            want -= len(data)
+            self.pos += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+# ---------------------------------------------------------------- target side
+
+
+def _round_up(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+class _Writer:
+    """pwrite() to the target from a worker thread, so reading, decompressing and hashing the
+    image overlap with the device's write latency.
+
+    Writes go through the page cache (the kernel merges neighbouring small ranges into large
+    requests, which measured faster than O_DIRECT here) with an fdatasync every 64 MiB, so the
+    progress shown is what reached the device, not what sits in memory.
+    """
+
+    _QUEUE_DEPTH = 4
+    _SYNC_EVERY = 64 << 20
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.written = 0
+        self._since_sync = 0
+        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(self._QUEUE_DEPTH)
+        self._error: OSError | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="flash-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Queue ``data`` for ``offset``; a failure of an earlier write is raised here."""
+        self._raise_pending()
+        self._queue.put((offset, data))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if self._error is None and not self._stop:
+                    self._pwrite(*item)
+            except OSError as e:
+                self._error = e
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _pwrite(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        self.written += len(data)
+        self._since_sync += len(data)
+        if self._since_sync >= self._SYNC_EVERY:
+            os.fdatasync(self.fd)
+            self._since_sync = 0
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def sync(self) -> None:
+        """Wait for every queued write, then flush it all to the device."""
+        self._queue.join()
+        self._raise_pending()
+        os.fsync(self.fd)
+        self._since_sync = 0
+
+    def close(self) -> None:
+        self._stop = True  # after an error or Ctrl-C, drop what is still queued
+        self._queue.put(None)
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def open_target(target: Path, is_device: bool) -> Iterator[_Writer]:
+    """An exclusive writer on ``target``: O_EXCL on a disk, O_NOFOLLOW on a file."""
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    if is_device:
+        expected = target.stat().st_rdev
+        try:
+            fd = os.open(target, flags | os.O_EXCL)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise FlashError(f"{target} is busy (mounted or held by another program); "
+                                 "nothing was written") from None
+            raise FlashError(f"cannot open {target}: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode) or st.st_rdev != expected:
+            os.close(fd)
+            raise FlashError(f"{target} changed while it was being checked; nothing was written")
+    else:
+        try:
+            fd = os.open(target, flags | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise FlashError(f"cannot open {target}: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise FlashError(f"{target} is not a regular file")
+    writer = _Writer(fd)
+    try:
+        yield writer
+    finally:
+        writer.close()
+        os.close(fd)
+
+
+def boot_area_end(head: bytes) -> int:
+    """Where the first partition starts, from the image's MBR (1 MiB if unknown, at most 16 MiB)."""
+    if len(head) < 512 or head[510:512] != b"\x55\xaa":
+        return HEAD_BYTES
+    starts = []
+    for i in range(4):
+        entry = head[446 + 16 * i: 446 + 16 * (i + 1)]
+        kind, lba = entry[4], int.from_bytes(entry[8:12], "little")
+        if kind == 0xEE:  # GPT: partitions are found elsewhere; stay with the first MiB
+            return HEAD_BYTES
+        if kind and lba:
+            starts.append(lba * 512)
+    return max(HEAD_BYTES, min(min(starts, default=HEAD_BYTES), 16 << 20))
+
+
+def _device_size(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def write_image(image: Path, bmap: Bmap, target: Path, *, is_device: bool = True,
+                progress: Progress | None = None) -> WriteStats:
+    """Write the bmap's ranges of ``image`` to ``target``; the first MiB goes last.
+
+    The image's data is checked against the bmap's checksums on the way through, so a
+    corrupt download stops the write before the (still blank) first MiB is written.
+    """
+    started = time.monotonic()
+    head_len = min(HEAD_BYTES, bmap.image_size)
+    report = progress or (lambda _done: None)
+    try:
+        with open_target(target, is_device) as out, open_image(image) as stream:
+            source = _SequentialSource(stream, seekable=compression_of(image) == "")
+            head = source.read_at(0, head_len)
+            if is_device:
+                out.write(0, bytes(head_len))
+                # the rest of the boot area too (the Mk II's U-Boot env lives at 1 MiB): holes
+                # in the image must not leave a previous card's environment behind
+                boot_end = min(boot_area_end(head), bmap.image_size)
+                for pos in range(head_len, boot_end, CHUNK_BYTES):
+                    out.write(pos, bytes(min(CHUNK_BYTES, boot_end - pos)))
+                dev_size = _device_size(out.fd)
+                tail = max(dev_size - HEAD_BYTES, _round_up(bmap.image_size, HEAD_BYTES))
+                if tail < dev_size:  # a stale backup GPT at the disk's end could still "boot"
+                    out.write(tail, bytes(dev_size - tail))
+            else:
+                os.ftruncate(out.fd, 0)
+                os.ftruncate(out.fd, bmap.image_size)
+            out.sync()
+            done = 0
+            for r in bmap.ranges:
+                start, end = r.byte_span(bmap.block_size, bmap.image_size)
+                digest = hashlib.new(bmap.checksum_type)
+                if start < head_len:
+                    digest.update(head[start:min(end, head_len)])
+                    done += min(end, head_len) - start
+                pos = max(start, head_len)
+                while pos < end:
+                    data = source.read_at(pos, min(CHUNK_BYTES, end - pos))
+                    digest.update(data)
+                    out.write(pos, data)
+                    pos += len(data)
+                    done += len(data)
+                    report(done)
+                if r.checksum and digest.hexdigest() != r.checksum:
+                    raise FlashError(f"the image does not match its bmap at {r.label()} "
+                                     f"(corrupt image or wrong bmap); {target} is not bootable")
+            out.sync()
+            out.write(0, head)
+            out.sync()
+            report(done)
+            written = out.written
+    except KeyboardInterrupt:
+        raise FlashInterrupted(f"interrupted: {target} is NOT bootable (its first MiB is blank);"
+                               " flash it again") from None
+    except OSError as e:
+        raise FlashError(f"writing {target} failed: {e.strerror}; it is not bootable") from None
+    return WriteStats(written, time.monotonic() - started)
+
+
+def verify_target(target: Path, bmap: Bmap, progress: Progress | None = None) -> VerifyStats:
+    """Read every mapped range back from ``target`` and compare it with the bmap's checksum."""
+    started = time.monotonic()
+    report = progress or (lambda _done: None)
+    align = 4096 if bmap.block_size % 4096 == 0 else 512
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        direct = True
+    except OSError:
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise FlashError(f"cannot open {target} to verify it: {e.strerror}") from None
+        direct = False
+    buf = mmap.mmap(-1, CHUNK_BYTES + align)
+    view = memoryview(buf)
+    done = 0
+    try:
+        if not direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read the medium, not the cache
+        for r in bmap.ranges:
+            if not r.checksum:
+                continue
+            start, end = r.byte_span(bmap.block_size, bmap.image_size)
+            digest = hashlib.new(bmap.checksum_type)
+            pos = start
+            while pos < end:
+                want = min(CHUNK_BYTES, end - pos)
+                if direct:
+                    got = os.preadv(fd, [view[:_round_up(want, align)]], pos)
+                    data = view[:min(got, want)]
+                else:
+                    data = memoryview(os.pread(fd, want, pos))
+                if not len(data):
+                    raise FlashError(f"verification failed: {target} ends at byte {pos}, inside "
+                                     f"{r.label()}")
+                digest.update(data)
+                pos += len(data)
+                done += len(data)
+                report(done)
+            if digest.hexdigest() != r.checksum:
+                raise FlashError(f"verification failed: {r.label()} (bytes {start}-{end - 1}) on "
+                                 f"{target} differ from the image; the card may be faulty")
+    except KeyboardInterrupt:
+        raise FlashInterrupted(f"interrupted while verifying {target}; it was not verified") from None
+    except OSError as e:
+        raise FlashError(f"reading {target} back failed: {e.strerror}") from None
+    finally:
+        data = view = memoryview(b"")  # drop every view of buf so it can be closed
+        buf.close()
+        os.close(fd)
+    return VerifyStats(done, time.monotonic() - started)
+
+
+def blank_head(target: Path, is_device: bool = True) -> None:
+    """Zero the first MiB so a card that failed verification cannot boot."""
+    with open_target(target, is_device) as out:
+        out.write(0, bytes(HEAD_BYTES))
+        out.sync()
+
+
+def eject(dev: blockdev.BlockDevice) -> str:
+    """Flush and, for USB, power the device off; returns what the user should do next."""
+    if dev.transport == "usb":
+        if shutil.which("udisksctl"):
+            run = subprocess.run(["udisksctl", "power-off", "-b", str(dev.path)],
+                                 capture_output=True, text=True, timeout=60, check=False)
+            if run.returncode == 0:
+                return f"{dev.path} was powered off; you can unplug it"
+        delete = blockdev.SYS_BLOCK / dev.name / "device" / "delete"
+        with contextlib.suppress(OSError):
+            delete.write_text("1")
+            return f"{dev.path} was detached; you can unplug it"
+    if dev.transport in ("usb", "mmc"):
+        return f"all data is on {dev.path}; you can remove it"
+    return f"{dev.path} is not removable; nothing to eject"
+
+
+# ---------------------------------------------------------------- Mk II eMMC
+
+
+def _sdp_present() -> bool:
+    for d in Path("/sys/bus/usb/devices").glob("*"):
+        ids = ((d / "idVendor"), (d / "idProduct"))
+        with contextlib.suppress(OSError):
+            if tuple(p.read_text().strip() for p in ids) == SDP_USB_ID:
+                return True
+    return False
+
+
+def _ums_loader(ums_image: Path) -> list[str]:
+    if shutil.which("armory-boot-usb"):
+        return ["armory-boot-usb", "-i", str(ums_image)]
+    if shutil.which("imx_usb"):
+        return ["imx_usb", str(ums_image)]
+    raise FlashError("no USB boot loader found: install armory-boot-usb (go install "
+                     "github.com/usbarmory/armory-boot/cmd/armory-boot-usb@latest) or imx_usb "
+                     "(github.com/boundarydevices/imx_usb_loader)")
+
+
+def expose_emmc(settings: Settings, ums_image: Path | None, say: Callable[[str], None],
+                timeout: float = 180.0) -> str:
+    """Guide the user into USB boot mode, load armory-ums, return the eMMC's /dev path."""
+    image = ums_image or settings.cache_path / "armory-ums" / "armory-ums.imx"
+    if not image.is_file():
+        raise FlashError(f"armory-ums firmware not found at {image}: download armory-ums.imx "
+                         "from github.com/usbarmory/armory-ums/releases and pass --ums-image")
+    loader = _ums_loader(image)
+    say("To expose the Mk II's eMMC over USB:\n"
+        "  1. unplug the USB armory and take out its microSD card;\n"
+        "  2. slide the boot switch toward the microSD slot;\n"
+        "  3. plug it in (it starts in USB download mode, 15a2:0080).")
+    deadline = time.monotonic() + timeout
+    while not _sdp_present():
+        if time.monotonic() > deadline:
+            raise FlashError("no USB armory in USB download mode appeared (15a2:0080); "
+                             "check the boot switch and that no microSD card is inserted")
+        time.sleep(1)
+    before = set(blockdev.whole_disks())
+    say(f"loading {image.name} with {loader[0]}")
+    run = subprocess.run(loader, capture_output=True, text=True, timeout=120, check=False)
+    if run.returncode != 0:
+        last = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise FlashError(f"{loader[0]} failed: {last[0]}")
+    while True:
+        new = [n for n in blockdev.whole_disks()
+               if n not in before and blockdev.transport_of(n) == "usb"]
+        if len(new) == 1:
+            return f"/dev/{new[0]}"
+        if len(new) > 1:
+            raise FlashError(f"several new USB disks appeared ({', '.join(new)}); "
+                             "pass the eMMC's one with --device")
+        if time.monotonic() > deadline:
+            raise FlashError("the eMMC did not appear as a USB disk; unplug, replug and retry")
+        time.sleep(1)
+
+
+# ---------------------------------------------------------------- the whole flow
+
+
+def _confirm(dev: blockdev.BlockDevice, ask: Callable[[str], str]) -> None:
+    try:
+        answer = ask(f"Everything on {dev.path} will be erased. Type its name ({dev.name}) "
+                     "to continue: ").strip()
+    except EOFError:
+        answer = ""
+    if answer not in (dev.name, str(dev.path)):
+        raise FlashError(f"not confirmed; nothing was written to {dev.path}")
+
+
+def _check_to_file(path: Path) -> None:
+    resolved = Path(os.path.realpath(path))
+    if resolved == Path("/dev") or Path("/dev") in resolved.parents:
+        raise FlashError(f"--to-file {path} is under /dev; use --device for disks")
+    if resolved.exists() and not resolved.is_file():
+        raise FlashError(f"--to-file {path} exists and is not a regular file")
+    if not resolved.parent.is_dir():
+        raise FlashError(f"--to-file {path}: directory {resolved.parent} does not exist")
+
+
+def flash(settings: Settings, request: FlashRequest, *,
+          say: Callable[[str], None] = print, ask: Callable[[str], str] = input,
+          stream: TextIO | None = None) -> FlashResult:
+    """Check the target, confirm with the user, write, verify, eject."""
+    image = find_image(settings, request.image)
+    bmap_path = find_bmap(image, request.bmap)
+    dev: blockdev.BlockDevice | None = None
+    if request.to_file is not None:
+        if request.device:
+            raise FlashError("give either --device or --to-file, not both")
+        _check_to_file(request.to_file)
+    else:
+        dev = blockdev.inspect(request.device)  # refuse a wrong path before any slow work
+    with tempfile.TemporaryDirectory(prefix="clef-armory-bmap-") as tmp:
+        if bmap_path is None:
+            if compression_of(image):
+                raise FlashError(f"no bmap next to {image}; pass --bmap or use the raw .img")
+            say(f"no bmap next to {image.name}; mapping it now")
+            bmap_path = Path(tmp) / "image.bmap"
+            bmaplib.create(image, bmap_path)
+        bmap = bmaplib.parse(bmap_path)
+    if not compression_of(image) and image.stat().st_size != bmap.image_size:
+        raise FlashError(f"{image} is {image.stat().st_size} bytes but its bmap says "
+                         f"{bmap.image_size}: wrong bmap?")
+
+    if dev is None:
+        assert request.to_file is not None
+        target = request.to_file
+        if target.exists() and target.stat().st_size and not request.yes:
+            answer = ask(f"{target} exists; type 'overwrite' to replace it: ").strip()
+            if answer != "overwrite":
+                raise FlashError(f"not confirmed; {target} was left as it was")
+    else:
+        dev = blockdev.inspect(request.device)  # again: the facts as of now
+        blockdev.check(dev, bmap.image_size, force=request.force)
+        target = dev.path
+        say(f"Writing {image.name} ({human_size(bmap.mapped_bytes)} of "
+            f"{human_size(bmap.image_size)} mapped) to:\n{dev.describe()}")
+        if not request.yes:
+            _confirm(dev, ask)
+            now = blockdev.inspect(str(dev.path))
+            if now.identity() != dev.identity():
+                raise FlashError(f"{dev.path} changed while waiting for confirmation (card "
+                                 "swapped?); nothing was written")
+            blockdev.check(now, bmap.image_size, force=request.force)
+
+    bar = ProgressBar("writing", bmap.mapped_bytes, stream)
+    wrote = write_image(image, bmap, target, is_device=dev is not None, progress=bar)
+    bar.finish(bmap.mapped_bytes)
+    checked = None
+    if request.verify:
+        bar = ProgressBar("verifying", bmap.mapped_bytes, stream)
+        try:
+            checked = verify_target(target, bmap, progress=bar)
+        except FlashInterrupted:
+            raise
+        except FlashError as e:
+            blank_head(target, is_device=dev is not None)
+            raise FlashError(f"{e}; its first MiB was blanked so it will not boot") from None
+        bar.finish(checked.bytes_read)
+    note = eject(dev) if dev is not None and request.eject else ""
+    return FlashResult(target, image, wrote, checked, note)

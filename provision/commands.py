@@ -1,0 +1,151 @@
+"""What the provision / unlock / check / status tasks do, callable without invoke.
+
+Tests and the system tier call these with their own layout, sockets and hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from clef_armory.errors import ConfigError
+from provision import agentconfig, checks, policy, rules, setup
+from provision.device import Device
+from provision.layout import DEFAULT, DeviceLayout
+from provision.link import Link
+from provision.secrets import Passwords
+from provision.ssh import Connection, Target, connect
+
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """How to reach the device: SSH target, its layout, the USB link to the agent."""
+
+    target: Target
+    layout: DeviceLayout = DEFAULT
+    link: Link | None = dataclasses.field(default_factory=Link)
+    # Tests: make the SSH socket themselves (inside a network namespace).
+    ssh_socket: Callable[[], socket.socket] | None = None
+    # Tests: called before each device call with its name (e.g. to drop the connection).
+    before_call: Callable[[Device, str], None] | None = None
+
+    def open(self) -> tuple[Connection, Device]:
+        conn = connect(self.target, sock=self.ssh_socket() if self.ssh_socket else None)
+        return conn, Device(conn, self.layout, self.before_call)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProvisionInputs:
+    accounts: int = 1
+    import_keystore: Path | None = None
+    rules_file: Path | None = None
+    policy_file: Path | None = None
+    chain_id: int = 1
+    write_agent_config: bool = True
+    run_checks: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rules_file and self.policy_file:
+            raise ConfigError("give --rules or --policy, not both")
+
+
+def resolve_rules(inputs: ProvisionInputs) -> tuple[str | None, policy.Policy | None]:
+    if inputs.rules_file:
+        return rules.read_file(inputs.rules_file), None
+    if inputs.policy_file:
+        pol = policy.load(inputs.policy_file, inputs.chain_id)
+        return rules.render(pol, inputs.policy_file.name), pol
+    return None, None
+
+
+def provision(
+    session: Session, passwords: Passwords, inputs: ProvisionInputs, say: Callable[[str], None] = print
+) -> tuple[list[setup.Step], list[checks.CheckResult]]:
+    rules_text, pol = resolve_rules(inputs)  # bad local inputs fail before we connect
+    agent_config = (
+        agentconfig.render(session.layout, inputs.chain_id, pol) if inputs.write_agent_config else None
+    )
+    conn, device = session.open()
+    with conn:
+        options = setup.Options(
+            accounts=inputs.accounts,
+            import_keystore=inputs.import_keystore,
+            rules_text=rules_text,
+            agent_config=agent_config,
+            link=session.link,
+        )
+        steps = setup.provision(device, passwords, options, say)
+        results: list[checks.CheckResult] = []
+        if inputs.run_checks:
+            say("running the key-handling checks ...")
+            text_signing = pol.allow_text_signing if pol else None
+            results = _all_checks(session, device, passwords, text_signing)
+    return steps, results
+
+
+def check(
+    session: Session, passwords: Passwords | None, text_signing: bool | None = None
+) -> list[checks.CheckResult]:
+    conn, device = session.open()
+    with conn:
+        return _all_checks(session, device, passwords, text_signing)
+
+
+def _all_checks(
+    session: Session, device: Device, passwords: Passwords | None, text_signing: bool | None
+) -> list[checks.CheckResult]:
+    search = passwords.known() if passwords else []
+    if passwords and not search:
+        search = [passwords.get("master", new=False)]
+    results = checks.device_checks(device, search)
+    if session.link is not None:
+        accounts = [a["address"] for a in device.call("state")["accounts"]]
+        results += checks.link_checks(session.link, accounts, text_signing)
+    return results
+
+
+def unlock(session: Session, passwords: Passwords) -> dict[str, Any]:
+    if session.link is None:
+        raise ConfigError("unlock needs the agent's link address")
+    conn, device = session.open()
+    with conn:
+        status = setup.agent_status(device)
+        if status and status.get("state") == "ready":
+            return status
+        return setup.unlock(device, passwords.get("master", new=False), session.link)
+
+
+def status(session: Session) -> dict[str, Any]:
+    conn, device = session.open()
+    with conn:
+        state = device.call("state")
+        agent = setup.agent_status(device)
+    health: dict[str, Any] | str
+    try:
+        health = session.link.health() if session.link else "no link"
+    except Exception as e:  # noqa: BLE001 - shown, not raised: status reports what it can
+        health = str(e)
+    return {"device": state, "agent": agent, "health": health}
+
+
+def session_for(
+    settings: Any,
+    host: str,
+    port: int = 22,
+    user: str = "armory",
+    identity: str = "",
+    known_hosts: str = "",
+) -> Session:
+    """The session the tasks use: known_hosts defaults to the build's build/<board>/known_hosts."""
+    pinned = Path(known_hosts) if known_hosts else settings.output_dir / settings.board / "known_hosts"
+    target = Target(host=host, port=port, user=user,
+                    identity=Path(identity).expanduser() if identity else None, known_hosts=pinned)
+    agent_host, _, agent_port = DEFAULT.agent_listen.rpartition(":")
+    return Session(target, DEFAULT, Link(host if host != "localhost" else agent_host, int(agent_port)))
+
+
+def failed(results: list[checks.CheckResult]) -> list[checks.CheckResult]:
+    return [r for r in results if not r.ok]

@@ -1,0 +1,195 @@
+"""The provisioning steps, each decided from the device's state so a re-run only finishes the job.
+
+Order: master seed -> accounts (one at a time; each is complete before it joins
+the keystore) -> stored passwords for any account lacking one -> rules (temp,
+attest, rename, record) -> agent config -> restart -> unlock -> wait for ready.
+A second run with the same inputs changes nothing and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from clef_armory.errors import ConfigError, ProvisionError
+from provision import rules as rules_mod
+from provision.device import Device
+from provision.link import Link
+from provision.secrets import Passwords
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step's outcome: what it is, whether it changed the device, a short detail."""
+
+    name: str
+    changed: bool
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    accounts: int = 1
+    import_keystore: Path | None = None
+    rules_text: str | None = None  # the rules to install (from --rules or rendered from --policy)
+    agent_config: str | None = None  # rendered agent.toml to install
+    link: Link | None = None  # where to wait for /health; None skips the agent steps
+    ready_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.accounts < 0:
+            raise ConfigError("--accounts must be 0 or more")
+
+
+def provision(
+    device: Device,
+    passwords: Passwords,
+    options: Options,
+    say: Callable[[str], None] = print,
+) -> list[Step]:
+    """Bring the device to the wanted state; returns the steps with what changed."""
+    steps: list[Step] = []
+    state = device.call("state")
+    say_state(state, say)
+
+    # Master seed.
+    if state["masterseed"]:
+        master = passwords.get("master", new=False)
+        steps.append(Step("master seed", False, "exists"))
+    else:
+        master = passwords.get("master", new=True)
+        device.call("init", secrets={"master": master})
+        steps.append(Step("master seed", True, "created (clef init)"))
+
+    # Accounts: imported keystore first, then new ones up to the wanted count.
+    accounts = state["accounts"]
+    have = {a["address"] for a in accounts}
+    imported_text = _read_import(options.import_keystore) if options.import_keystore else None
+    import_address = _keystore_address(imported_text) if imported_text else None
+    if imported_text is not None and import_address is not None and import_address not in have:
+        say(
+            "warning: importing a key that has existed off the device; "
+            "anyone who had that file and its password can still sign"
+        )
+        account = passwords.get("account", new=False)
+        r = device.call(
+            "add-account", secrets={"master": master, "account": account}, import_keystore=imported_text
+        )
+        have.add(r["address"])
+        steps.append(Step("import account", True, r["address"]))
+    elif import_address is not None:
+        steps.append(Step("import account", False, f"{import_address} already on the device"))
+
+    missing_pw = [a["address"] for a in accounts if not a["credential"]]
+    to_create = max(0, options.accounts - len(have))
+    if to_create or missing_pw:
+        account = passwords.get("account", new=to_create > 0)
+        for address in missing_pw:
+            device.call("setpw", secrets={"master": master, "account": account}, address=address)
+            steps.append(Step("store password", True, address))
+        for i in range(to_create):
+            say(f"creating account {i + 1} of {to_create} on the device ...")
+            r = device.call("add-account", secrets={"master": master, "account": account})
+            have.add(r["address"])
+            steps.append(Step("new account", bool(r["changed"]), r["address"]))
+    steps.append(Step("accounts", False, f"{len(have)} on the device"))
+
+    # Rules.
+    restart = False
+    if options.rules_text is not None:
+        digest = rules_mod.sha256(options.rules_text)
+        if state["rules_sha256"] == digest and state["rules_record"] == digest:
+            steps.append(Step("rules", False, f"sha256 {digest[:16]}… already attested"))
+        else:
+            say("rules to be attested:\n" + options.rules_text.rstrip())
+            r = device.call("install-rules", secrets={"master": master}, rules=options.rules_text)
+            steps.append(Step("rules", bool(r["changed"]), f"attested sha256 {digest[:16]}…"))
+            restart = restart or bool(r["changed"])
+    elif state["rules_sha256"] is None:
+        raise ConfigError("no rules on the device yet: pass --rules FILE or --policy FILE")
+    else:
+        steps.append(Step("rules", False, "kept (no --rules or --policy given)"))
+
+    # Agent.
+    if options.agent_config is not None:
+        r = device.call("install-config", content=options.agent_config)
+        steps.append(Step("agent config", bool(r["changed"]), "installed" if r["changed"] else "unchanged"))
+        restart = restart or bool(r["changed"])
+    if options.link is not None:
+        steps.extend(_agent_up(device, options, restart, master, say))
+    return steps
+
+
+def _agent_up(device: Device, options: Options, restart: bool, master: Any,
+              say: Callable[[str], None]) -> list[Step]:
+    assert options.link is not None
+    steps: list[Step] = []
+    status = agent_status(device)
+    if restart or status is None or status.get("state") in (None, "error"):
+        say("restarting the agent ...")
+        device.call("restart-agent")
+        steps.append(Step("agent restart", True, "restarted"))
+        status = None
+    state = (status or {}).get("state")
+    if state != "ready":
+        unlock(device, master, options.link, options.ready_timeout)
+        steps.append(Step("agent unlock", True, "unlocked, ready"))
+    else:
+        steps.append(Step("agent", False, "ready"))
+    return steps
+
+
+def agent_status(device: Device) -> dict[str, Any] | None:
+    """The agent's own status JSON, or None when it does not answer."""
+    r = device.call("agent", action="status")
+    if r["status"] != 0:
+        return None
+    js = r.get("json")
+    return js if isinstance(js, dict) else None
+
+
+def unlock(device: Device, master: Any, link: Link, timeout: float = 120.0) -> dict[str, Any]:
+    """Give the agent the master password (on stdin, via the device helper), wait for ready."""
+    deadline_tries = 3
+    for _ in range(deadline_tries):
+        r = device.call("agent", action="unlock", secrets={"master": master})
+        if r["status"] == 0:
+            return link.wait_ready(timeout)
+        reason = " ".join(r.get("stderr") or []) or r.get("stdout") or f"exit status {r['status']}"
+        if "not running" not in reason and "connect" not in reason.lower():
+            raise ProvisionError(f"agent unlock failed: {reason}")
+        import time
+
+        time.sleep(1.0)
+    raise ProvisionError("agent unlock failed: the agent's control socket does not answer")
+
+
+def say_state(state: dict[str, Any], say: Callable[[str], None]) -> None:
+    n = len(state["accounts"])
+    seed = "present" if state["masterseed"] else "absent"
+    say(f"device: master seed {seed}, {n} account(s), rules {'installed' if state['rules_sha256'] else 'none'}")
+
+
+def _read_import(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read keystore file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"keystore file {path} is not text") from None
+
+
+def _keystore_address(text: str) -> str:
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ConfigError("the keystore to import is not JSON") from None
+    address = data.get("address") if isinstance(data, dict) else None
+    crypto = (data.get("crypto") or data.get("Crypto")) if isinstance(data, dict) else None
+    if not isinstance(address, str) or len(address.removeprefix("0x")) != 40 or not isinstance(crypto, dict):
+        raise ConfigError("the file to import is not an encrypted (v3) keystore with an address")
+    return "0x" + address.lower().removeprefix("0x")

@@ -1,0 +1,374 @@
+"""Real image builds, inspected without mounting (debugfs on the partition offset).
+
+The qemu image is built for real (mmdebstrap through qemu-user on a cold cache: minutes); mk1 and
+mk2 then reuse the cached rootfs and check their own parts. Bad inputs go through the real
+`invoke build-image` and must give one line and leave no output behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clef_armory import config
+from image import debs
+from image.build import BuildResult, build_image
+from image.inspect import Image
+
+REPO = Path(__file__).resolve().parent.parent
+INVOKE = [sys.executable, "-m", "invoke"]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ssh_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("sshkey")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test@laptop",
+                    "-f", str(d / "id_ed25519")], check=True)
+    return d / "id_ed25519.pub"
+
+
+def _settings(board: str, out: Path, key: Path, **extra: str) -> config.Settings:
+    return config.load().replace(board=board, output_dir=str(out), ssh_key=str(key), **extra)
+
+
+@pytest.fixture(scope="module")
+def qemu_build(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path) -> BuildResult:
+    out = tmp_path_factory.mktemp("out")
+    return build_image(_settings("qemu", out, ssh_key))
+
+
+@pytest.fixture(scope="module")
+def qemu_image(qemu_build: BuildResult) -> Image:
+    return Image(qemu_build.image)
+
+
+@pytest.fixture()
+def tree_with(qemu_build: BuildResult, qemu_image: Image, tmp_path: Path) -> Iterator[Path]:
+    """The cached rootfs unpacked, with the image's own config files copied in (for checks that run
+    the device's binaries under qemu-user)."""
+    cache = config.load().cache_path
+    tarball = cache / "rootfs" / f"{qemu_build.manifest['rootfs_key']}.tar"
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    subprocess.run(["tar", "-x", "-p", "--numeric-owner", "-f", str(tarball), "-C", str(tree)],
+                   check=True)
+    for path in ("/etc/ssh/sshd_config.d/armory.conf", "/etc/ssh/ssh_host_ed25519_key",
+                 "/etc/ssh/ssh_host_ed25519_key.pub", "/etc/passwd", "/etc/group", "/etc/shadow",
+                 "/etc/systemd/system/clef-armory-agent.service",
+                 "/etc/ssh/authorized_keys/armory"):
+        dest = tree / path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(qemu_image.read(path))
+        os.chmod(dest, qemu_image.stat(path).mode)  # type: ignore[union-attr]
+    yield tree
+    shutil.rmtree(tree, ignore_errors=True)
+
+
+# --- the qemu image ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_outputs_are_complete_and_checksummed(qemu_build: BuildResult) -> None:
+    out = qemu_build.out_dir
+    name = qemu_build.manifest["name"]
+    for f in (f"{name}.img", f"{name}.img.bmap", f"{name}.img.zst", "SHA256SUMS", "manifest.json",
+              "known_hosts", "vmlinuz", "initrd.img"):
+        assert (out / f).is_file(), f
+    subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=out, check=True)
+    subprocess.run(["zstd", "-q", "-t", str(out / f"{name}.img.zst")], check=True)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "partial dirs left"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["board"] == "qemu" and m["suite"] == "trixie"
+    assert m["packages"]["openssh-server"] and m["packages"]["nftables"]
+    assert not any(p.startswith(("gcc", "cpp", "make")) for p in m["packages"])
+    assert m["clef"]["version"] == "1.17.3" and len(m["clef"]["sha256"]) == 64
+    assert m["agent"]["version"]
+    assert len(m["config_digest"]) == 64
+    assert m["disk"]["bmap_mapped_blocks"] > 0
+    from image import bmap
+
+    parsed = bmap.parse(out / f"{name}.img.bmap")
+    assert sum(r.last - r.first + 1 for r in parsed.ranges) == m["disk"]["bmap_mapped_blocks"]
+
+
+@pytest.mark.slow
+def test_partition_table_starts_at_5_mib(qemu_build: BuildResult) -> None:
+    dump = subprocess.run(["sfdisk", "--json", str(qemu_build.image)], capture_output=True,
+                          text=True, check=True)
+    table = json.loads(dump.stdout)["partitiontable"]
+    assert table["label"] == "dos"
+    (part,) = table["partitions"]
+    assert part["start"] * 512 == 5 * 1024 * 1024
+    assert (part["start"] + part["size"]) * 512 == qemu_build.image.stat().st_size
+    assert part["type"] == "83"
+
+
+@pytest.mark.slow
+def test_key_files_owners_and_modes(qemu_image: Image) -> None:
+    expect = {
+        "/etc/ssh/sshd_config.d/armory.conf": (0, 0, 0o644),
+        "/etc/nftables.conf": (0, 0, 0o644),
+        "/etc/systemd/system/clef-armory-agent.service": (0, 0, 0o644),
+        "/usr/local/bin/clef": (0, 0, 0o755),
+        "/etc/ssh/ssh_host_ed25519_key": (0, 0, 0o600),
+        "/etc/sudoers.d/armory": (0, 0, 0o440),
+        "/etc/ssh/authorized_keys/armory": (0, 0, 0o644),
+        "/usr/lib/python3/dist-packages/armory_agent/__init__.py": (0, 0, 0o644),
+    }
+    for path, (uid, gid, mode) in expect.items():
+        st = qemu_image.stat(path)
+        assert st is not None, path
+        assert (st.uid, st.gid, st.mode) == (uid, gid, mode), path
+    passwd = qemu_image.read("/etc/passwd").decode()
+    group = qemu_image.read("/etc/group").decode()
+    clef_uid = next(int(line.split(":")[2]) for line in passwd.splitlines() if line.startswith("clef:"))
+    clef_gid = next(int(line.split(":")[2]) for line in group.splitlines() if line.startswith("clef:"))
+    assert clef_uid < 1000
+    toml = qemu_image.stat("/etc/clef-armory/agent.toml")
+    assert toml and (toml.uid, toml.gid, toml.mode) == (0, clef_gid, 0o640)
+    state = qemu_image.stat("/var/lib/clef-armory")
+    assert state and state.kind == "directory"
+    assert (state.uid, state.gid, state.mode) == (clef_uid, clef_gid, 0o700)
+    assert "/usr/sbin/nologin" in next(x for x in passwd.splitlines() if x.startswith("clef:"))
+    assert (REPO / "armory_agent" / "__init__.py").read_bytes() == qemu_image.read(
+        "/usr/lib/python3/dist-packages/armory_agent/__init__.py")
+    wants = qemu_image.listdir("/etc/systemd/system/multi-user.target.wants")
+    for unit in ("clef-armory-agent.service", "nftables.service", "systemd-networkd.service", "ssh.service"):
+        assert unit in wants, unit
+
+
+@pytest.mark.slow
+def test_clef_is_32bit_arm(qemu_image: Image, qemu_build: BuildResult) -> None:
+    data = qemu_image.read("/usr/local/bin/clef")
+    assert data[:4] == b"\x7fELF" and data[4] == 1  # ELFCLASS32
+    assert int.from_bytes(data[18:20], "little") == 40  # EM_ARM
+    assert hashlib.sha256(data).hexdigest() == qemu_build.manifest["clef"]["sha256"]
+
+
+@pytest.mark.slow
+def test_no_user_has_a_password(qemu_image: Image) -> None:
+    shadow = qemu_image.read("/etc/shadow").decode()
+    st = qemu_image.stat("/etc/shadow")
+    assert st is not None and st.mode & 0o007 == 0
+    users = set()
+    for line in shadow.splitlines():
+        name, pw = line.split(":")[:2]
+        users.add(name)
+        assert pw in ("*", "!", "!*", "!!") or (pw.startswith("!") and "$" not in pw), (name, pw)
+        assert pw != "", f"{name} can log in without a password"
+    assert {"root", "armory", "clef"} <= users
+
+
+@pytest.mark.slow
+def test_host_keys_match_manifest_and_known_hosts(qemu_image: Image, qemu_build: BuildResult) -> None:
+    pub = qemu_image.read("/etc/ssh/ssh_host_ed25519_key.pub").decode().strip()
+    entry = qemu_build.manifest["host_keys"]["ed25519"]
+    assert entry["public"] == pub
+    blob = base64.b64decode(pub.split()[1])
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    assert entry["fingerprint"] == "SHA256:" + digest
+    known = (qemu_build.out_dir / "known_hosts").read_text().split()
+    assert known[:3] == ["10.0.0.1", *pub.split()[:2]]
+    # Only this image's keys: nothing inherited from the cached rootfs.
+    names = [n for n in qemu_image.listdir("/etc/ssh") if n.startswith("ssh_host_")]
+    assert sorted(names) == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
+
+
+@pytest.mark.slow
+def test_authorized_key_is_the_given_one(qemu_image: Image, ssh_key: Path) -> None:
+    assert qemu_image.read("/etc/ssh/authorized_keys/armory").decode().strip() == ssh_key.read_text().strip()
+
+
+@pytest.mark.slow
+def test_nftables_ruleset_is_valid(qemu_image: Image, tmp_path: Path) -> None:
+    rules = tmp_path / "nftables.conf"
+    rules.write_bytes(qemu_image.read("/etc/nftables.conf"))
+    result = subprocess.run(["nft", "-c", "-f", str(rules)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_sshd_config_is_valid_under_qemu_user(tree_with: Path) -> None:
+    result = subprocess.run(["chroot", str(tree_with), "/usr/sbin/sshd", "-t"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    effective = subprocess.run(["chroot", str(tree_with), "/usr/sbin/sshd", "-T",
+                                "-C", "user=armory,host=laptop,addr=10.0.0.2"],
+                               capture_output=True, text=True, check=True).stdout.splitlines()
+    for line in ("passwordauthentication no", "kbdinteractiveauthentication no", "permitrootlogin no",
+                 "listenaddress 10.0.0.1:22", "pubkeyauthentication yes"):
+        assert line in effective, line
+
+
+@pytest.mark.slow
+def test_agent_unit_verifies(tree_with: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing (apt-get install systemd)")
+    result = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={tree_with}", "clef-armory-agent.service"],
+        capture_output=True, text=True, check=False,
+    )
+    problems = [line for line in result.stderr.splitlines()
+                if ("clef-armory-agent" in line and "Unknown key" in line) or "Invalid" in line]
+    assert not problems, result.stderr
+
+
+@pytest.mark.slow
+def test_qemu_kernel_outputs_match_the_image(qemu_image: Image, qemu_build: BuildResult) -> None:
+    kv = qemu_build.manifest["kernel_version"]
+    assert (qemu_build.out_dir / "vmlinuz").read_bytes() == qemu_image.read(f"/boot/vmlinuz-{kv}")
+    assert (qemu_build.out_dir / "initrd.img").read_bytes() == qemu_image.read(f"/boot/initrd.img-{kv}")
+    assert qemu_build.manifest["kernel_cmdline"].startswith("root=/dev/vda1 rw")
+    assert "console=ttyAMA0" in qemu_build.manifest["kernel_cmdline"]
+    link = qemu_image.read("/etc/systemd/network/10-usb0.link").decode()
+    assert "Driver=virtio_net" in link and "Name=usb0" in link
+
+
+# --- mk1 and mk2 reuse the cached rootfs ------------------------------------------------------
+
+
+def _partuuid_root(result: BuildResult) -> str:
+    disk_id = int.from_bytes(result.image.open("rb").read(512)[440:444], "little")
+    return f"PARTUUID={disk_id:08x}-01"
+
+
+@pytest.mark.slow
+def test_mk1_bootloader_dtb_and_extlinux(tmp_path: Path, ssh_key: Path, qemu_build: BuildResult) -> None:
+    result = build_image(_settings("mk1", tmp_path / "out", ssh_key))
+    assert result.manifest["rootfs_key"] == qemu_build.manifest["rootfs_key"]
+    s = config.load()
+    deb, _ = debs.fetch("u-boot-imx", mirror=s.mirror, suite=s.suite, cache_dir=s.cache_path)
+    debs.extract(deb, ["usr/lib/u-boot/usbarmory/u-boot-dtb.imx"], tmp_path / "uboot")
+    uboot = (tmp_path / "uboot/usr/lib/u-boot/usbarmory/u-boot-dtb.imx").read_bytes()
+    with result.image.open("rb") as f:
+        f.seek(1024)
+        assert f.read(len(uboot)) == uboot
+    image = Image(result.image)
+    dtb = tmp_path / "mk1.dtb"
+    dtb.write_bytes(image.read("/boot/dtbs/imx53-usbarmory.dtb"))
+    compat = subprocess.run(["fdtget", "-t", "s", str(dtb), "/", "compatible"], capture_output=True,
+                            text=True, check=True).stdout
+    assert "inversepath,imx53-usbarmory" in compat
+    ext = image.read("/boot/extlinux/extlinux.conf").decode()
+    kv = result.manifest["kernel_version"]
+    assert f"kernel /boot/vmlinuz-{kv}" in ext and f"initrd /boot/initrd.img-{kv}" in ext
+    assert "fdt /boot/dtbs/imx53-usbarmory.dtb" in ext
+    assert f"root={_partuuid_root(result)} " in ext and "console=ttymxc0,115200" in ext
+    for path in (f"/boot/vmlinuz-{kv}", f"/boot/initrd.img-{kv}"):
+        assert image.stat(path) is not None, path
+    assert image.stat("/usr/local/lib/clef-armory/usb-gadget").mode == 0o755  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_mk2_with_given_bootloader_and_own_dtb(
+    tmp_path: Path, ssh_key: Path, qemu_build: BuildResult
+) -> None:
+    loader = tmp_path / "mk2-u-boot.imx"
+    loader.write_bytes(os.urandom(600_000))
+    result = build_image(_settings("mk2", tmp_path / "out", ssh_key), bootloader=loader)
+    assert result.manifest["rootfs_key"] == qemu_build.manifest["rootfs_key"]
+    with result.image.open("rb") as f:
+        f.seek(1024)
+        assert f.read(600_000) == loader.read_bytes()
+        f.seek(1 << 20)
+        assert f.read(8192) == bytes(8192), "the U-Boot environment area at 1 MiB must stay free"
+    image = Image(result.image)
+    dtb = tmp_path / "mk2.dtb"
+    dtb.write_bytes(image.read("/boot/dtbs/imx6ulz-usbarmory.dtb"))
+    source = subprocess.run(["dtc", "-q", "-I", "dtb", "-O", "dts", str(dtb)], capture_output=True,
+                            text=True, check=True).stdout
+    assert "usbarmory,imx6ulz-usbarmory-mk2" in source.replace("\\0", " ")
+    assert 'label = "LED_WHITE"' in source and 'label = "LED_BLUE"' in source
+    assert 'dr_mode = "peripheral"' in source
+    ext = image.read("/boot/extlinux/extlinux.conf").decode()
+    assert "fdt /boot/dtbs/imx6ulz-usbarmory.dtb" in ext and "console=ttymxc1,115200" in ext
+    assert f"root={_partuuid_root(result)} " in ext
+    assert result.manifest["device_tree"]["linux_source"]
+
+
+# --- bad input: one line, exit 1, nothing left behind -----------------------------------------
+
+
+def _invoke(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*INVOKE, "build-image", *args], cwd=REPO, capture_output=True, text=True,
+                          check=False, timeout=1200)
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def _nothing_in(out: Path) -> None:
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def test_unknown_board(tmp_path: Path, ssh_key: Path) -> None:
+    out = tmp_path / "out"
+    _one_line_error(_invoke("--board", "mk3", "--output", str(out), "--ssh-key", str(ssh_key)),
+                    "unknown board", "mk3")
+    assert not out.exists()
+
+
+def test_missing_ssh_key(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _one_line_error(_invoke("--board", "qemu", "--output", str(out), "--ssh-key", str(tmp_path / "nope.pub")),
+                    "no SSH public key", "--ssh-key")
+    _nothing_in(out)
+
+
+@pytest.mark.parametrize(("board", "size"), [("mk2", 1 << 20), ("mk1", 5 << 20)])
+def test_bootloader_too_large(tmp_path: Path, ssh_key: Path, board: str, size: int) -> None:
+    loader = tmp_path / "loader.imx"
+    loader.write_bytes(b"\xaa" * size)
+    out = tmp_path / "out"
+    _one_line_error(_invoke("--board", board, "--output", str(out), "--ssh-key", str(ssh_key),
+                            "--bootloader", str(loader)), "bootloader", "must end before byte")
+    _nothing_in(out)
+
+
+def test_mk2_without_bootloader_names_the_flag(tmp_path: Path, ssh_key: Path) -> None:
+    out = tmp_path / "out"
+    _one_line_error(_invoke("--board", "mk2", "--output", str(out), "--ssh-key", str(ssh_key)),
+                    "--bootloader")
+    _nothing_in(out)
+
+
+def test_unwritable_output_dir(tmp_path: Path, ssh_key: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    _one_line_error(_invoke("--board", "qemu", "--output", str(blocker / "out"), "--ssh-key", str(ssh_key)),
+                    "cannot write to output directory")
+    assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.slow
+def test_image_too_small_for_rootfs(tmp_path: Path, ssh_key: Path, qemu_build: BuildResult) -> None:
+    out = tmp_path / "out"
+    _one_line_error(_invoke("--board", "qemu", "--output", str(out), "--ssh-key", str(ssh_key),
+                            "--size", "64M"), "too small", "--size")
+    _nothing_in(out)
+
+
+@pytest.mark.slow
+def test_rootfs_tarball_has_no_host_keys(qemu_build: BuildResult) -> None:
+    """The cached rootfs is shared by every image: it must not carry SSH host keys."""
+    tarball = config.load().cache_path / "rootfs" / f"{qemu_build.manifest['rootfs_key']}.tar"
+    with tarfile.open(tarball) as tar:
+        assert not [n for n in tar.getnames() if "/etc/ssh/ssh_host_" in n]
+
+

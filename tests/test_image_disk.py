@@ -1,0 +1,90 @@
+"""Disk assembly with the real tools (sfdisk, mke2fs -d, debugfs) on a small tree: seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from clef_armory.errors import BuildError
+from image import disk
+from image.inspect import Image
+
+pytestmark = pytest.mark.integration
+EPOCH = 1_700_000_000
+
+
+def _tree(root: Path) -> Path:
+    tree = root / "tree"
+    (tree / "etc" / "ssh").mkdir(parents=True)
+    (tree / "var" / "lib" / "clef-armory").mkdir(parents=True)
+    (tree / "etc" / "ssh" / "key").write_text("secret\n")
+    os.chmod(tree / "etc" / "ssh" / "key", 0o600)
+    os.chown(tree / "var" / "lib" / "clef-armory", 999, 998)
+    os.chmod(tree / "var" / "lib" / "clef-armory", 0o700)
+    (tree / "bin").mkdir()
+    (tree / "bin" / "tool").write_bytes(b"\x7fELF" + os.urandom(100_000))
+    os.chmod(tree / "bin" / "tool", 0o755)  # noqa: S103
+    os.symlink("/bin/tool", tree / "etc" / "link")
+    for p in [tree, *tree.rglob("*")]:
+        os.utime(p, (EPOCH, EPOCH), follow_symlinks=False)
+    return tree
+
+
+def test_layout_owners_modes_and_bootloader(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    loader = tmp_path / "u-boot.imx"
+    loader.write_bytes(os.urandom(300_000))
+    img = tmp_path / "disk.img"
+    disk_id = disk.assemble(img, tree, 128 << 20, seed="t", epoch=EPOCH, bootloader=loader,
+                            bootloader_offset=1024, bootloader_limit=1 << 20)
+    assert img.stat().st_size == 128 << 20
+    assert img.stat().st_blocks * 512 < 64 << 20, "the image is sparse"
+    start, size, ptype = disk.read_partition(img)
+    assert (start, start + size, ptype) == (5 << 20, 128 << 20, 0x83)
+    with img.open("rb") as f:
+        mbr = f.read(512)
+        f.seek(1024)
+        assert f.read(300_000) == loader.read_bytes()
+    assert int.from_bytes(mbr[440:444], "little") == disk_id
+    image = Image(img)
+    key = image.stat("/etc/ssh/key")
+    assert key is not None and (key.uid, key.gid, key.mode) == (0, 0, 0o600)
+    state = image.stat("/var/lib/clef-armory")
+    assert state is not None
+    assert (state.kind, state.uid, state.gid, state.mode) == ("directory", 999, 998, 0o700)
+    assert image.read("/bin/tool") == (tree / "bin" / "tool").read_bytes()
+    assert image.readlink("/etc/link") == "/bin/tool"
+    assert image.stat("/nope") is None
+    assert sorted(image.listdir("/etc")) == ["link", "ssh"]
+
+
+def test_same_inputs_same_bytes(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    digests = []
+    for name in ("a.img", "b.img"):
+        img = tmp_path / name
+        disk.assemble(img, tree, 96 << 20, seed="same", epoch=EPOCH)
+        digests.append(hashlib.sha256(img.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_too_small_writes_nothing(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    (tree / "big").write_bytes(os.urandom(8 << 20))
+    img = tmp_path / "small.img"
+    with pytest.raises(BuildError, match="too small"):
+        disk.assemble(img, tree, 10 << 20, seed="s", epoch=EPOCH)
+    assert not img.exists()
+
+
+def test_bootloader_overlapping_the_env_area_is_refused(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    loader = tmp_path / "big.imx"
+    loader.write_bytes(b"\1" * (1 << 20))
+    with pytest.raises(BuildError, match="must end before byte 1048576"):
+        disk.assemble(tmp_path / "x.img", tree, 96 << 20, seed="s", epoch=EPOCH, bootloader=loader,
+                      bootloader_offset=1024, bootloader_limit=1 << 20)
+    assert not (tmp_path / "x.img").exists()
