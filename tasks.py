@@ -171,7 +171,8 @@ def unlock(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armo
     print(jsonlib.dumps(health) if json else f"agent {health.get('state')} (Clef {health.get('clef')})")
 
 
-@task(auto_shortflags=False, help={**_SSH_HELP, "search_passwords": "Ask for the passwords and search the device for them."})
+@task(auto_shortflags=False,
+      help={**_SSH_HELP, "search_passwords": "Ask for the passwords and search the device for them."})
 @user_errors
 def check(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
           known_hosts: str = "", password_file: str = "", search_passwords: bool = True,
@@ -208,7 +209,8 @@ def status(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armo
     dev, agent = st["device"], st["agent"] or {}
     print(f"master seed  {'present' if dev['masterseed'] else 'absent'}")
     print(f"accounts     {', '.join(a['address'] for a in dev['accounts']) or 'none'}")
-    print(f"rules        {(dev['rules_sha256'] or 'none')[:16]} (attested {(dev['rules_record'] or 'none')[:16]})")
+    installed, attested = (dev["rules_sha256"] or "none")[:16], (dev["rules_record"] or "none")[:16]
+    print(f"rules        {installed} (attested {attested})")
     print(f"agent        {agent.get('state', 'not answering')}, rules {agent.get('rules', '?')}")
     print(f"link health  {st['health']}")
 

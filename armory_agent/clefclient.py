@@ -10,9 +10,13 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from typing import Any
 
 MAX_RESPONSE = 8 * 1024 * 1024
+# Clef (Go's net/http) closes idle connections after 120 s; reuse only well before that, so a
+# request is almost never written into a connection Clef is closing.
+IDLE_REUSE = 60.0
 
 
 class UpstreamError(Exception):
@@ -23,6 +27,7 @@ class _Conn:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.idle_since = time.monotonic()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -46,7 +51,8 @@ class ClefClient:
         """A connection and whether it was reused from the pool."""
         while self._idle:
             conn = self._idle.pop()
-            if not conn.reader.at_eof() and not conn.writer.is_closing():
+            fresh = time.monotonic() - conn.idle_since < IDLE_REUSE
+            if fresh and not conn.reader.at_eof() and not conn.writer.is_closing():
                 return conn, True
             conn.close()
         try:
@@ -80,7 +86,7 @@ class ClefClient:
                 conn.writer.write(data)
                 await conn.writer.drain()
                 status, keep, raw = await self._read_response(conn.reader)
-            except (OSError, asyncio.IncompleteReadError, ConnectionError) as e:
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
                 conn.close()
                 if attempt == 1 and reused:
                     continue  # a kept-alive connection Clef had already closed: retry once fresh
@@ -89,6 +95,7 @@ class ClefClient:
                 conn.close()  # cancelled or timed out mid-response: the connection is unusable
                 raise
             if keep and len(self._idle) < self.pool_size:
+                conn.idle_since = time.monotonic()
                 self._idle.append(conn)
             else:
                 conn.close()

@@ -64,10 +64,7 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             uid = peer_uid(writer)
-            if uid not in (0, os.getuid()):
-                reply: dict[str, Any] = {"ok": False, "error": "not allowed"}
-            else:
-                reply = await self._dispatch(reader)
+            reply = await self._dispatch(reader, allowed=uid in (0, os.getuid()))
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (OSError, ConnectionError, TimeoutError):
@@ -75,11 +72,16 @@ class ControlServer:
         finally:
             writer.close()
 
-    async def _dispatch(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+    async def _dispatch(self, reader: asyncio.StreamReader, allowed: bool) -> dict[str, Any]:
         try:
             line = await asyncio.wait_for(reader.readline(), 30)
-            request = json.loads(line)
         except (ValueError, TimeoutError, asyncio.LimitOverrunError):
+            return {"ok": False, "error": "malformed control request"}
+        if not allowed:  # read first, so the refusal reaches the client instead of a reset
+            return {"ok": False, "error": "not allowed"}
+        try:
+            request = json.loads(line)
+        except ValueError:
             return {"ok": False, "error": "malformed control request"}
         if not isinstance(request, dict) or request.get("cmd") not in self.commands:
             return {"ok": False, "error": f"unknown command (known: {', '.join(self.commands)})"}
@@ -105,15 +107,23 @@ def send(path: Path, request: dict[str, Any], timeout: float = 120.0) -> dict[st
             raise ControlError(f"permission denied on {path} (run as root or the agent's user)") from None
         except OSError as e:
             raise ControlError(f"cannot reach the agent at {path}: {e.strerror}") from None
-        sock.sendall(json.dumps(request).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the agent may have refused us and closed already: read why
         data = b""
         while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
             if not chunk:
                 break
             data += chunk
     except TimeoutError:
         raise ControlError("the agent did not answer in time") from None
+    except OSError as e:
+        raise ControlError(f"control socket {path}: {e.strerror or e}") from None
     finally:
         sock.close()
     try:

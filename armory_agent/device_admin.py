@@ -248,7 +248,7 @@ def cmd_add_account(req: dict[str, Any]) -> dict[str, Any]:
         existing = {a["address"]: a for a in _accounts(layout)}
         if address in existing and existing[address]["credential"]:
             return {"address": address, "changed": False}
-        _clef(layout, ["setpw", address], f"{secrets['account']}\n{secrets['account']}\n{secrets['master']}\n")
+        _setpw(layout, address, secrets)
         if address not in existing:
             os.replace(staged, keystore / staged.name)
             _fsync_dir(keystore)
@@ -275,11 +275,17 @@ def _clear_staging(staging: Path) -> None:
             f.unlink()
 
 
+def _setpw(layout: dict[str, Any], address: str, secrets: dict[str, str]) -> None:
+    """`clef setpw`: the account password twice, then the master password, all on stdin."""
+    account = secrets["account"]
+    _clef(layout, ["setpw", address], f"{account}\n{account}\n{secrets['master']}\n")
+
+
 def cmd_setpw(req: dict[str, Any]) -> dict[str, Any]:
     """Store the account password for an account already in the keystore."""
     layout, secrets = req["layout"], req["secrets"]
     address = req["address"]
-    _clef(layout, ["setpw", address], f"{secrets['account']}\n{secrets['account']}\n{secrets['master']}\n")
+    _setpw(layout, address, secrets)
     return {"address": address, "changed": True}
 
 
@@ -297,7 +303,8 @@ def cmd_install_rules(req: dict[str, Any]) -> dict[str, Any]:
     digest = _sha256(data)
     rules, record = Path(layout["rules"]), Path(layout["rules_record"])
     current, recorded = _read_or_none(rules), _read_or_none(record)
-    if current is not None and _sha256(current) == digest and recorded and recorded.decode().strip() == digest:
+    recorded_digest = recorded.decode().strip() if recorded else None
+    if current is not None and _sha256(current) == digest and recorded_digest == digest:
         return {"sha256": digest, "changed": False}
     _ensure_dir(rules.parent, uid, gid)
     tmp = _write_temp(rules.parent, data, 0o600, uid, gid, prefix=f".{rules.name}.")

@@ -178,7 +178,9 @@ class Agent:
             entry.update(decision="denied", status=e.status, error=e.message)
             self.audit.record(entry)
             body = error_body(e.code, e.message)
-            drain = p.max_body if e.status == 413 else 0
+            # Read (and drop) a body we refused to read, so the client's OS does not answer our
+            # close with a reset that eats the error response.
+            drain = p.max_body if req is not None and req.method not in ("GET", "OPTIONS") else 0
             with contextlib.suppress(OSError, ConnectionError):
                 await conn.send(response(e.status, body, keep_alive=False, extra=extra))
             await conn.close(drain_bytes=drain)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -64,6 +65,14 @@ def clef_argv(cfg: AgentConfig) -> list[str]:
     if c.rules.is_file():
         argv += ["--rules", str(c.rules)]
     return argv
+
+
+def _death_signal_prefix() -> list[str]:
+    """`setpriv --pdeathsig KILL --` when available: if the agent is killed outright, the kernel
+    kills Clef too, so no unlocked Clef outlives the agent that enforces the policy in front of
+    it. (Under systemd the unit's cgroup is cleaned up anyway.)"""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 def _private_file(path: Path) -> None:
@@ -159,7 +168,12 @@ class ClefSupervisor:
         failures = 0
         while not self._stopping:
             started = time.monotonic()
-            code = await self._run_once()
+            try:
+                code = await self._run_once()
+            except Exception:  # a bug here must not leave the agent without a supervisor
+                log.exception("supervising Clef failed")
+                await self._kill()
+                self._start_error, code = "supervisor error", None
             if self._stopping:
                 return
             if self._restart_now.is_set():
@@ -186,7 +200,7 @@ class ClefSupervisor:
         self._http_opened = self._started_notice = self._master_failed = False
         self.rules = "disabled: no rules file" if not self.cfg.clef.rules.is_file() else "unknown"
         await self._set(STARTING)
-        argv = clef_argv(self.cfg)
+        argv = [*_death_signal_prefix(), *clef_argv(self.cfg)]
         _private_file(self.cfg.clef.auditlog)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -208,10 +222,17 @@ class ClefSupervisor:
         watchdog = asyncio.create_task(self._startup_watchdog(proc))
         try:
             while True:
-                line = await proc.stdout.readline()
+                try:
+                    line = await proc.stdout.readline()
+                except ValueError:  # a line over the limit: dropped by the reader, skip it
+                    log.warning("oversized line on Clef's UI channel dropped")
+                    continue
                 if not line:
                     break
                 await self._handle_line(line)
+        except BaseException:
+            await self._kill()  # never leave a Clef nobody listens to
+            raise
         finally:
             watchdog.cancel()
             code = await proc.wait()
@@ -300,7 +321,10 @@ class ClefSupervisor:
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         while True:
-            raw = await stream.readline()
+            try:
+                raw = await stream.readline()
+            except ValueError:  # over the limit: skip it, but keep draining or Clef blocks
+                continue
             if not raw:
                 return
             line = raw.decode("utf-8", "replace").rstrip()

@@ -142,10 +142,10 @@ def main() -> None:
                     f"throughput {arps / drps:.2f}x direct"
                 )
             print(f"agent RSS after {through_agent} requests: {rss:.1f} MiB")
-            audit_lines = sum(1 for _ in agent.audit_path.open())
-            print(f"audit lines written: {audit_lines}")
         finally:
-            agent.stop()
+            agent.stop()  # flushes the audit log
+        rpc_lines = sum(1 for line in agent.audit_path.open() if '"kind":"rpc"' in line)
+        print(f"audit lines for requests: {rpc_lines} (requests sent: {through_agent})")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,26 @@ def _baseline(spec: rootfs.RootfsSpec, tmp: Path) -> float:
     return time.monotonic() - t0
 
 
+def _differences(a: Path, b: Path, tmp: Path) -> list[str]:
+    """What differs between two images: file contents (rdump + diff) and, failing that, byte ranges."""
+    trees = []
+    for name, image in (("ta", a), ("tb", b)):
+        dest = tmp / name
+        dest.mkdir()
+        subprocess.run(["debugfs", "-R", f"rdump / {dest}", f"{image}?offset={5 << 20}"],
+                       capture_output=True, check=False)
+        trees.append(dest)
+    diff = subprocess.run(["diff", "-rq", "--no-dereference", str(trees[0]), str(trees[1])],
+                          capture_output=True, text=True, check=False)
+    lines = [line.replace(str(tmp), "") for line in diff.stdout.splitlines()][:40]
+    if not lines:
+        cmp = subprocess.run(["cmp", "-l", str(a), str(b)], capture_output=True, text=True, check=False)
+        offsets = [int(line.split()[0]) - 1 for line in cmp.stdout.splitlines()[:2000]]
+        blocks = sorted({o // 4096 for o in offsets})
+        lines = [f"same file contents; {len(offsets)}+ bytes differ in 4 KiB blocks {blocks[:20]}"]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cold", action="store_true", help="also measure a cold build and the baseline")
@@ -109,6 +129,8 @@ def main() -> None:
                 (a.out_dir / a.manifest["files"]["compressed"]).read_bytes()
                 == (b.out_dir / b.manifest["files"]["compressed"]).read_bytes()
             )
+            if not report["repro_image_sha256_equal"]:
+                report["repro_differences"] = _differences(a.image, b.image, tmp)
     print(json.dumps(report, indent=1))
     if "cold_ratio" in report:
         print(f"cold build / bare mmdebstrap = {report['cold_ratio']} (target <= 1.3)")

@@ -170,7 +170,8 @@ def _create_users(tree: Path, cfg: overlay.DeviceConfig, epoch: int) -> None:
 def _enable_units(tree: Path, board: Board, epoch: int) -> None:
     enable = ["systemd-networkd.service", "nftables.service", "ssh.service",
               "clef-armory-agent.service"]
-    mask = ["systemd-networkd-wait-online.service", "swap.target", "systemd-coredump.socket"]
+    # sshd-keygen would add RSA/ECDSA host keys nobody pinned; the image has its ed25519 key.
+    mask = ["systemd-networkd-wait-online.service", "swap.target", "sshd-keygen.service"]
     if board.gadget:
         enable.append("armory-usb-gadget.service")
     if board.hw_rng:
@@ -178,7 +179,17 @@ def _enable_units(tree: Path, board: Board, epoch: int) -> None:
     else:
         mask.append("rngd.service")
     _chroot(tree, "systemctl", "enable", "--quiet", *enable, epoch=epoch)
+    for unit in mask:
+        for link in (tree / "etc" / "systemd" / "system").glob(f"*.wants/{unit}"):
+            link.unlink()
     _chroot(tree, "systemctl", "mask", "--quiet", *mask, epoch=epoch)
+    # systemd's ssh generator would add sshd listeners on AF_VSOCK and a local AF_UNIX socket:
+    # sshd listens on the USB link only.
+    generators = tree / "etc" / "systemd" / "system-generators"
+    generators.mkdir(parents=True, exist_ok=True)
+    masked = generators / "systemd-ssh-generator"
+    masked.unlink(missing_ok=True)
+    masked.symlink_to("/dev/null")
 
 
 def _clamp_mtimes(tree: Path, epoch: int) -> None:
@@ -325,6 +336,7 @@ def build_image(
                 raise BuildError(f"zstd failed: {result.stderr.strip()}")
 
         with steps.step("manifest, known_hosts, SHA256SUMS"):
+            image_sha256 = manifest.sha256_file(image)
             (stage / "known_hosts").write_text(manifest.known_hosts(cfg.network.device_address, public))
             data: dict[str, Any] = {
                 "name": name,
@@ -359,11 +371,12 @@ def build_image(
                 "files": {"image": image.name, "bmap": f"{name}.img.bmap",
                           "compressed": compressed.name, "kernel": extra[0] if extra else None,
                           "initrd": extra[1] if extra else None},
-                "image_sha256": manifest.sha256_file(image),
+                "image_sha256": image_sha256,
             }
             manifest.write_json(stage / "manifest.json", data)
             manifest.write_sums(stage, [image.name, f"{name}.img.bmap", compressed.name,
-                                        "manifest.json", "known_hosts", *extra])
+                                        "manifest.json", "known_hosts", *extra],
+                                known={image.name: image_sha256})
 
         final = out_root / board.name
         old = out_root / f".{board.name}.old-{os.getpid()}"
@@ -377,8 +390,9 @@ def build_image(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     total = steps.total()
+    compressed_size = (final / compressed.name).stat().st_size
     log(f"built {final / image.name} in {total:.0f} s "
-        f"({compressed.stat().st_size >> 20} MiB compressed, {mapped} mapped blocks)")
+        f"({compressed_size >> 20} MiB compressed, {mapped} mapped blocks)")
     return BuildResult(final, final / image.name, data, tuple(steps.timings))
 
 

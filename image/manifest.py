@@ -90,7 +90,8 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_sums(directory: Path, names: list[str]) -> None:
-    """SHA256SUMS in sha256sum's format, for `sha256sum -c`."""
-    lines = [f"{sha256_file(directory / name)}  {name}\n" for name in sorted(names)]
+def write_sums(directory: Path, names: list[str], known: dict[str, str] | None = None) -> None:
+    """SHA256SUMS in sha256sum's format, for `sha256sum -c` (`known`: digests already computed)."""
+    known = known or {}
+    lines = [f"{known.get(name) or sha256_file(directory / name)}  {name}\n" for name in sorted(names)]
     (directory / "SHA256SUMS").write_text("".join(lines))

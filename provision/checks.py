@@ -126,7 +126,8 @@ def check_listeners(facts: dict[str, Any], layout: DeviceLayout) -> CheckResult:
         desc = f"{s['process']} on {s['proto']} {s['host']}:{s['port']}"
         if s["process"] == "clef":
             if not _is_loopback(s["host"]) or where != clef:
-                return CheckResult("listeners", False, f"{desc}; Clef may listen only on {layout.clef_listen}")
+                why = f"{desc}; Clef may listen only on {layout.clef_listen}"
+                return CheckResult("listeners", False, why)
             continue
         if s["process"] == "sshd" and where != sshd:
             return CheckResult("listeners", False, f"{desc}; sshd may listen only on {layout.sshd_listen}")
@@ -144,7 +145,8 @@ def check_listeners(facts: dict[str, Any], layout: DeviceLayout) -> CheckResult:
         return CheckResult("listeners", False, f"unexpected listener: {desc}")
     if not seen_agent:
         return CheckResult("listeners", False, f"the agent is not listening on {layout.agent_listen}")
-    return CheckResult("listeners", True, f"agent {layout.agent_listen}, Clef loopback, sshd {layout.sshd_listen}")
+    ok = f"agent {layout.agent_listen}, Clef loopback, sshd {layout.sshd_listen}"
+    return CheckResult("listeners", True, ok)
 
 
 def check_firewall(facts: dict[str, Any], layout: DeviceLayout) -> CheckResult:
@@ -161,7 +163,8 @@ def check_firewall(facts: dict[str, Any], layout: DeviceLayout) -> CheckResult:
     open_chains = [c for c in chains if c.get("policy") != "drop"]
     if open_chains:
         c = open_chains[0]
-        return CheckResult("firewall", False, f"input chain {c.get('table')}/{c.get('name')} has policy {c.get('policy')}")
+        why = f"input chain {c.get('table')}/{c.get('name')} has policy {c.get('policy')}"
+        return CheckResult("firewall", False, why)
     return CheckResult("firewall", True, f"{len(chains)} input chain(s), policy drop")
 
 
@@ -170,7 +173,8 @@ def check_forwarding(facts: dict[str, Any], layout: DeviceLayout) -> CheckResult
     if sysctl["ip_forward"] != "0":
         return CheckResult("forwarding", False, f"net.ipv4.ip_forward is {sysctl['ip_forward']}")
     if sysctl["ipv6_forwarding"] not in ("0", None):
-        return CheckResult("forwarding", False, f"net.ipv6.conf.all.forwarding is {sysctl['ipv6_forwarding']}")
+        why = f"net.ipv6.conf.all.forwarding is {sysctl['ipv6_forwarding']}"
+        return CheckResult("forwarding", False, why)
     return CheckResult("forwarding", True, "IPv4 and IPv6 forwarding off")
 
 
@@ -214,7 +218,8 @@ def check_coredumps(facts: dict[str, Any], layout: DeviceLayout) -> CheckResult:
     bad = [x for x in limits if x["soft"] != "0" or x["hard"] != "0"]
     if bad:
         b = bad[0]
-        return CheckResult("coredumps", False, f"{b['process']} (pid {b['pid']}) may dump core (limit {b['hard']})")
+        why = f"{b['process']} (pid {b['pid']}) may dump core (limit {b['hard']})"
+        return CheckResult("coredumps", False, why)
     return CheckResult("coredumps", True, f"core size limit 0 for {len(limits)} Clef/agent process(es)")
 
 
@@ -312,8 +317,8 @@ def link_checks(
 
         status, body = rpc("account_version", [], {"Origin": "https://evil.example"})
         refused = status != 200 or "error" in (body or {})
-        results.append(CheckResult("link-origin", refused, f"foreign Origin refused (HTTP {status})" if refused
-                                   else "a foreign Origin was served"))
+        why = f"foreign Origin refused (HTTP {status})" if refused else "a foreign Origin was served"
+        results.append(CheckResult("link-origin", refused, why))
 
         results.append(_sign_check(rpc, expected, text_signing is None) if text_signing is not False
                        else _sign_refused(rpc, expected))
@@ -326,7 +331,8 @@ def link_checks(
         text = " ".join(answers).lower()
         word = next((w for w in _KEY_WORDS if w in text), None)
         if leaks:
-            results.append(CheckResult("link-no-key-material", False, f"{leaks[0]} answered through the link"))
+            why = f"{leaks[0]} answered through the link"
+            results.append(CheckResult("link-no-key-material", False, why))
         elif word:
             results.append(CheckResult("link-no-key-material", False, f"an answer contained {word!r}"))
         else:
@@ -360,7 +366,10 @@ def _sign_check(rpc: Callable[..., tuple[int, Any]], expected: list[str], may_re
         if may_refuse and status == 200:
             return CheckResult("link-sign", True, f"text signing refused by the rules ({err}); not tested")
         return CheckResult("link-sign", False, f"signing a test message failed: {err or f'HTTP {status}'}")
-    recovered = Account.recover_message(encode_defunct(primitive=message), signature=sig)
+    try:
+        recovered = Account.recover_message(encode_defunct(primitive=message), signature=sig)
+    except (ValueError, TypeError) as e:
+        return CheckResult("link-sign", False, f"the signature does not recover: {str(e).splitlines()[0]}")
     if recovered.lower() != expected[0]:
         return CheckResult("link-sign", False, f"signature recovers to {recovered}, not {expected[0]}")
     return CheckResult("link-sign", True, f"test message signature recovers to {expected[0]}")

@@ -9,6 +9,8 @@ A second run with the same inputs changes nothing and says so.
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,7 @@ def agent_status(device: Device) -> dict[str, Any] | None:
 
 def unlock(device: Device, master: Any, link: Link, timeout: float = 120.0) -> dict[str, Any]:
     """Give the agent the master password (on stdin, via the device helper), wait for ready."""
+    _wait_until_locked(device, timeout)
     deadline_tries = 3
     for _ in range(deadline_tries):
         r = device.call("agent", action="unlock", secrets={"master": master})
@@ -160,16 +163,25 @@ def unlock(device: Device, master: Any, link: Link, timeout: float = 120.0) -> d
         reason = " ".join(r.get("stderr") or []) or r.get("stdout") or f"exit status {r['status']}"
         if "not running" not in reason and "connect" not in reason.lower():
             raise ProvisionError(f"agent unlock failed: {reason}")
-        import time
-
         time.sleep(1.0)
     raise ProvisionError("agent unlock failed: the agent's control socket does not answer")
+
+
+def _wait_until_locked(device: Device, timeout: float) -> None:
+    """After a restart the agent is 'starting' for a moment; unlock once it asks for the password."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = agent_status(device)
+        if status is not None and status.get("state") in ("locked", "ready", "error"):
+            return
+        time.sleep(0.5)
 
 
 def say_state(state: dict[str, Any], say: Callable[[str], None]) -> None:
     n = len(state["accounts"])
     seed = "present" if state["masterseed"] else "absent"
-    say(f"device: master seed {seed}, {n} account(s), rules {'installed' if state['rules_sha256'] else 'none'}")
+    rules = "installed" if state["rules_sha256"] else "none"
+    say(f"device: master seed {seed}, {n} account(s), rules {rules}")
 
 
 def _read_import(path: Path) -> str:
@@ -182,8 +194,6 @@ def _read_import(path: Path) -> str:
 
 
 def _keystore_address(text: str) -> str:
-    import json
-
     try:
         data = json.loads(text)
     except ValueError:

@@ -157,7 +157,8 @@ def connect(
         try:
             sock = socket.create_connection((target.host, target.port), timeout=target.timeout)
         except TimeoutError:
-            raise ProvisionError(f"cannot connect to {where}: timed out after {target.timeout:.0f} s") from None
+            why = f"cannot connect to {where}: timed out after {target.timeout:.0f} s"
+            raise ProvisionError(why) from None
         except OSError as e:
             raise ProvisionError(f"cannot connect to {where}: {e.strerror or e}") from None
     transport = paramiko.Transport(sock)
@@ -195,19 +196,26 @@ def _verify_host_key(offered: paramiko.PKey, pinned: dict[str, paramiko.PKey], t
         )
 
 
+_KEY_TYPES: tuple[type[paramiko.PKey], ...] = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
+
+
 def _load_identity(path: Path, passphrase: Callable[[str], str]) -> paramiko.PKey:
     try:
         return paramiko.PKey.from_path(path)
-    except paramiko.PasswordRequiredException:
-        phrase = passphrase(f"passphrase for {path}: ")
-        try:
-            return paramiko.PKey.from_path(path, passphrase=phrase.encode())
-        except paramiko.SSHException:
-            raise ProvisionError(f"wrong passphrase for SSH key {path}") from None
+    except (paramiko.PasswordRequiredException, TypeError):
+        # Old PEM keys raise the former, new OpenSSH-format keys (via cryptography) the latter.
+        pass
     except FileNotFoundError:
         raise ProvisionError(f"SSH key {path} does not exist") from None
     except (paramiko.SSHException, OSError, ValueError) as e:
         raise ProvisionError(f"cannot load SSH key {path}: {_one_line(e)}") from None
+    phrase = passphrase(f"passphrase for {path}: ")
+    for key_type in _KEY_TYPES:
+        try:
+            return key_type.from_private_key_file(str(path), password=phrase)
+        except (paramiko.SSHException, ValueError, TypeError):
+            continue
+    raise ProvisionError(f"wrong passphrase for SSH key {path} (or not an ed25519/ecdsa/rsa key)")
 
 
 def _authenticate(

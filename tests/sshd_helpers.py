@@ -21,10 +21,16 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paramiko
+
+from provision.commands import Session
+from provision.device import Device
+from provision.layout import DeviceLayout
+from provision.link import Link as AgentLink
+from provision.ssh import Target
 
 CLONE_NEWNET = 0x40000000
 SSHD = "/usr/sbin/sshd"
@@ -36,7 +42,8 @@ def require_tools() -> None:
     """Fail (not skip) when a tool the fast tier relies on is missing."""
     for tool in (SSHD, "ip", "nft", "ssh-keygen"):
         if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} is required for the provisioning tests (apt-get install openssh-server nftables iproute2)")
+            raise RuntimeError(f"{tool} is required for the provisioning tests "
+                               "(apt-get install openssh-server nftables iproute2)")
 
 
 def run(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -238,31 +245,31 @@ class DeviceEnv:
     link: Link
     sshd: Sshd
     root: Path  # the device's files live under here
-    layout: object  # provision.layout.DeviceLayout (kept loose: this module is also imported early)
-    target: object  # provision.ssh.Target
+    layout: DeviceLayout
+    target: Target
     agent_log: Path
 
-    def session(self, **kw: object) -> object:
-        from provision.commands import Session
-        from provision.link import Link as AgentLink
-
+    def session(self, before_call: Callable[[Device, str], None] | None = None) -> Session:
+        """Provisioning session: SSH and the agent's link both reached from the laptop namespace."""
         agent = AgentLink(DEVICE_IP, 8550, connect=self.link.connect, timeout=40.0)
-        return Session(self.target, self.layout, agent,  # type: ignore[arg-type]
-                       ssh_socket=lambda: self.link.connect(DEVICE_IP, self.sshd.port, 10.0), **kw)
+        return Session(self.target, self.layout, agent,
+                       ssh_socket=lambda: self.link.connect(DEVICE_IP, self.sshd.port, 10.0),
+                       before_call=before_call)
 
 
 @contextlib.contextmanager
 def device_env(workdir: Path, clef_binary: Path, firewall: bool = True) -> Iterator[DeviceEnv]:
     """A device on this machine: sshd + agent in a namespace, all state under ``workdir/device``."""
-    from tests.agent_helpers import write_agent_config
-
     from provision.layout import DeviceLayout
     from provision.ssh import Target
+    from tests.agent_helpers import write_agent_config
 
     root = workdir / "device"
     state = root / "var/lib/clef-armory"
     etc = root / "etc/clef-armory"
     run_dir = root / "run/clef-armory"
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "journal.txt").write_text("systemd[1]: Started clef-armory-agent.service\n")
     for d in (state, etc, run_dir):
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o700)
@@ -297,7 +304,8 @@ def device_env(workdir: Path, clef_binary: Path, firewall: bool = True) -> Itera
                 agent_pythonpath=str(REPO),
                 sshd_effective_config=(SSHD, "-T", "-f", str(server.config), "-C",
                                        f"user=root,host=laptop,addr={LAPTOP_IP}"),
-                journal_command=(),
+                # Stands in for journalctl: the test writes "journal" lines here (outside search_roots).
+                journal_command=("cat", str(workdir / "journal.txt")),
                 search_roots=(str(root),),
                 search_skip=(),
             )

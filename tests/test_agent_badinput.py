@@ -281,3 +281,19 @@ def test_200_concurrent_connections(agent: AgentProcess, clef_state: ClefState) 
     good(agent, clef_state)
     assert len(audit.new(201)) == 201
     assert agent.proc is not None and agent.proc.poll() is None
+
+
+def test_rate_limit_per_peer(clef_binary: Path, tmp_path: Path) -> None:
+    state = make_clef_state(clef_binary, tmp_path / "state", rules_text=None)
+    config = tmp_path / "agent.json"
+    write_agent_config(config, clef_binary, state.state_dir, policy={"rate": 0.2, "burst": 3})
+    with running_agent(config) as agent:
+        statuses = []
+        for _ in range(6):
+            status, body = call(agent.address, agent.port, "account_version", [])
+            statuses.append(status)
+            if status == 429:
+                assert body["error"]["message"] == "rate limit exceeded"
+        assert statuses[:3] == [503, 503, 503]  # locked, but within the burst
+        assert statuses[3:] == [429, 429, 429]
+        assert [x["status"] for x in wait_audit(agent, 6)] == statuses

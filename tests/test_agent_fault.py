@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,30 @@ def test_clef_without_master_seed_is_an_error(clef_binary: Path, tmp_path: Path)
         result = agent.unlock_cli("whatever-password")
         assert result.returncode == 1 and "not waiting for the master password" in result.stderr
         assert call(agent.address, agent.port, "account_list", [])[0] == 503
+
+
+def test_clef_dies_with_a_killed_agent(clef_binary: Path, tmp_path: Path) -> None:
+    """No unlocked Clef may outlive the agent (it would sign for anyone on loopback)."""
+    state = make_clef_state(clef_binary, tmp_path / "state")
+    config = tmp_path / "agent.json"
+    write_agent_config(config, clef_binary, state.state_dir)
+    with running_agent(config) as agent:
+        assert agent.unlock_cli(state.master_password).returncode == 0
+        pid = clef_pid(agent)
+        assert agent.proc is not None
+        agent.proc.kill()
+        agent.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and _state(pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = Path(f"/proc/{pid}").exists() and _state(pid) != "Z"
+        if alive:
+            os.kill(pid, signal.SIGKILL)
+        assert not alive, "Clef outlived the agent"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

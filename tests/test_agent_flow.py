@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,14 +128,37 @@ def test_clef_command_line_keeps_files_private(agent: AgentProcess, clef_state: 
 
 
 
-def test_control_socket_refuses_other_users(agent: AgentProcess) -> None:
-    """An unprivileged user can neither connect to the socket nor learn the status through it."""
+
+def test_control_socket_refuses_other_users(clef_binary: Path, tmp_path: Path) -> None:
+    """Mode 0600 in a 0700 dir keeps other users out; SO_PEERCRED refuses them even if the
+    modes were loosened."""
     setpriv = require_tool("setpriv")
-    result = subprocess.run(
-        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
-         "-m", "armory_agent", "status", "--config", str(agent.config_path)],
-        capture_output=True, text=True, timeout=60, check=False,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, cwd="/",
-    )  # fmt: skip
-    assert result.returncode == 1
-    assert "permission denied" in result.stderr or "cannot reach the agent" in result.stderr, result
+    state = make_clef_state(clef_binary, tmp_path / "state", rules_text=None)
+    public = Path(tempfile.mkdtemp(prefix="agent-ctl-", dir="/tmp"))
+    try:
+        public.chmod(0o711)
+        config = public / "agent.json"
+        write_agent_config(config, clef_binary, state.state_dir, control_socket=public / "run" / "c.sock")
+        config.chmod(0o644)
+        with running_agent(config) as agent:
+            sock = public / "run" / "c.sock"
+            assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+            assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+
+            def as_nobody() -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+                     "-m", "armory_agent", "status", "--config", str(config)],
+                    capture_output=True, text=True, timeout=60, check=False,
+                    env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, cwd="/",
+                )  # fmt: skip
+
+            result = as_nobody()
+            assert result.returncode == 1 and "permission denied" in result.stderr, result
+            sock.parent.chmod(0o711)
+            sock.chmod(0o666)
+            result = as_nobody()
+            assert result.returncode == 1 and "error: not allowed" in result.stderr, result
+            assert agent.status()["state"] in ("locked", "error")
+    finally:
+        shutil.rmtree(public, ignore_errors=True)

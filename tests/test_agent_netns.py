@@ -148,6 +148,9 @@ def test_agent_answers_only_on_usb0(
         assert probe(net.other, "192.168.77.1")["result"] == "refused"
         assert probe(net.other, "10.0.0.1")["result"] == "refused"  # right address, wrong interface
         assert probe(net.agent, "127.0.0.1")["result"] == "refused"
+        # The device's own processes still reach it: Linux matches local traffic to 10.0.0.1
+        # against the device that owns the address (documented in docs/agent.md).
+        assert probe(net.agent, "10.0.0.1")["result"] == "ok"
 
         assert agent.unlock_cli(state.master_password).returncode == 0
         account_list = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "account_list"})

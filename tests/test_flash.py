@@ -142,6 +142,24 @@ def test_flash_writes_exactly_the_mapped_ranges(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_writeback_windows_keep_the_data_intact(
+        image: tuple[Path, bmaplib.Bmap], loop_factory: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch, pipelined: bool) -> None:
+    """Small windows so the periodic writeback (sync_file_range, or fdatasync) really runs."""
+    img, bmap = image
+    monkeypatch.setattr(flash._Writer, "_SYNC_EVERY", 256 * 1024)
+    if not pipelined:
+        monkeypatch.setattr(flash, "_sync_file_range", None)
+    else:
+        assert flash._sync_file_range is not None
+    dev = loop_factory()
+    flash.write_image(img, bmap, dev)
+    flash.verify_target(dev, bmap)
+    assert_mapped_ranges_equal(dev, img, bmap)
+
+
+@pytest.mark.integration
 def test_stale_partition_table_at_the_disk_end_is_wiped(
         settings: Settings, image: tuple[Path, bmaplib.Bmap], loop_factory: Callable[..., Path]) -> None:
     img, _ = image

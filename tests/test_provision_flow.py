@@ -124,7 +124,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, clef_binary: Path) -> Iterator
 
 
 def session(env: DeviceEnv, **kw: Any) -> Session:
-    return env.session(**kw)  # type: ignore[return-value]
+    return env.session(**kw)
 
 
 @dataclasses.dataclass
@@ -188,7 +188,7 @@ def test_provision_then_again_changes_nothing_then_check_unlock_status(
     conn, device = session(env).open()
     with conn:
         device.call("restart-agent")
-    assert commands.status(session(env))["agent"]["state"] == "locked"
+    assert commands.status(session(env))["agent"]["state"] in ("starting", "locked")
     health = commands.unlock(session(env), Passwords(ask=lambda p: run.master))
     assert health["state"] == "ready"
     st = commands.status(session(env))
@@ -271,7 +271,7 @@ def test_interrupted_runs_can_be_rerun_to_completion(tmp_path: Path, clef_binary
         plan = [("init", 0.0), ("add-account", 0.15), ("add-account", 0.0), ("install-rules", 0.1),
                 ("restart-agent", 0.0)]
         for command, delay in plan:
-            with pytest.raises(ProvisionError, match="connection|dropped"):
+            with pytest.raises(ProvisionError, match=r"connection|dropped"):
                 commands.provision(session(env, before_call=_dropper(command, delay)), passwords, inputs,
                                    lambda _: None)
             _assert_consistent(env)

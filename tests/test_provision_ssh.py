@@ -8,10 +8,10 @@ from pathlib import Path
 
 import paramiko
 import pytest
-from tests.sshd_helpers import DEVICE_IP, Link, Sshd, sshd, usb_link, write_known_hosts
 
 from clef_armory.errors import HostKeyError, ProvisionError
 from provision import ssh
+from tests.sshd_helpers import DEVICE_IP, Link, Sshd, sshd, usb_link, write_known_hosts
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def test_unknown_host_refused(server: tuple[Link, Sshd], tmp_path: Path) -> None
     link, s = server
     known = tmp_path / "known_hosts"
     known.write_text("")
-    with pytest.raises(HostKeyError, match="not pinned.*expected none.*SHA256:"):
+    with pytest.raises(HostKeyError, match=r"not pinned.*expected none.*SHA256:"):
         _connect(link, _target(s, known))
 
 
@@ -85,6 +85,28 @@ def test_missing_known_hosts_is_one_line(server: tuple[Link, Sshd], tmp_path: Pa
     link, s = server
     with pytest.raises(ProvisionError, match="does not exist: pass the build's --known-hosts"):
         _connect(link, _target(s, tmp_path / "nope"))
+
+
+def test_encrypted_identity_asks_for_its_passphrase(server: tuple[Link, Sshd], tmp_path: Path) -> None:
+    import subprocess
+
+    link, s = server
+    key = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "correct horse", "-f", str(key)], check=True)
+    authorized = s.config.parent / "authorized_keys"
+    original = authorized.read_text()
+    authorized.write_text(original + Path(f"{key}.pub").read_text())
+    try:
+        asked: list[str] = []
+        target = _target(s, identity=key)
+        conn = ssh.connect(target, sock=link.connect(DEVICE_IP, s.port, 5.0),
+                           passphrase=lambda p: asked.append(p) or "correct horse")  # type: ignore[func-returns-value]
+        conn.close()
+        assert asked == [f"passphrase for {key}: "]
+        with pytest.raises(ProvisionError, match="wrong passphrase"):
+            ssh.connect(target, sock=link.connect(DEVICE_IP, s.port, 5.0), passphrase=lambda p: "nope")
+    finally:
+        authorized.write_text(original)
 
 
 def test_wrong_client_key_is_one_line(server: tuple[Link, Sshd], tmp_path: Path) -> None:

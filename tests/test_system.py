@@ -13,6 +13,7 @@ build/system-test/timings.json and printed (see docs/architecture.md for the mea
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import time
@@ -27,7 +28,7 @@ from clef_armory.errors import QemuError
 from provision import commands, qemu
 from provision.secrets import Passwords
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPIENT = "0x" + "d1" * 20  # the one address the test policy lets the device sign for
@@ -100,6 +101,13 @@ def built(settings: config.Settings, timings: Timings) -> tuple[qemu.GuestImage,
     qsettings = settings.replace(board="qemu")
     test_key = _test_identity(settings.cache_path)
     candidates = [test_key, settings.ssh_key.expanduser().with_suffix("")]
+    # Developers: boot an image built elsewhere as it is (no staleness check), with its key.
+    given, given_key = os.environ.get("CLEF_ARMORY_QEMU_IMAGE"), os.environ.get("CLEF_ARMORY_QEMU_IDENTITY")
+    if given:
+        image = qemu.find_image(qsettings, Path(given))
+        identity = _identity_for(image, [Path(given_key)] if given_key else candidates)
+        assert identity is not None, f"no private key matches {given}'s admin key"
+        return image, identity
     why: str | None
     try:
         image = qemu.find_image(qsettings)
