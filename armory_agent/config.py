@@ -24,7 +24,7 @@ Schema (every key optional; the defaults are the device's values from docs/desig
                "eth_accounts", "eth_requestAccounts", "eth_chainId", "eth_signTransaction",
                "eth_sign", "personal_sign", "eth_signTypedData", "eth_signTypedData_v3",
                "eth_signTypedData_v4", "eth_sendTransaction"]   # eth_*: see [eth]
-    hosts = ["10.0.0.1", "10.0.0.1:8550"]  # Host header allowlist (DNS-rebinding defence)
+    hosts = ["10.0.0.1", "10.0.0.1:8550"]  # Host allowlist (DNS rebinding); default: listen address[:port]
     origins = []                         # Origin allowlist; a request carrying another Origin gets 403
     cors = false                         # send CORS headers to allowed origins (needs origins)
     approve_listing = false              # answer listings the rules leave undecided with all accounts
@@ -304,7 +304,13 @@ def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
     dp = PolicyConfig()
     policy = PolicyConfig(
         methods=_strings(p, "policy", "methods", dp.methods),
-        hosts=tuple(h.lower() for h in _strings(p, "policy", "hosts", dp.hosts)),
+        # Default: the listen address as an IP literal, with or without the port.
+        hosts=tuple(
+            h.lower()
+            for h in _strings(
+                p, "policy", "hosts", (listen.address, f"{listen.address}:{listen.port}")
+            )
+        ),
         origins=_strings(p, "policy", "origins", dp.origins),
         cors=_get(p, "policy", "cors", bool, dp.cors),
         approve_listing=_get(p, "policy", "approve_listing", bool, dp.approve_listing),

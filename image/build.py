@@ -179,9 +179,11 @@ def _enable_units(tree: Path, board: Board, epoch: int) -> None:
     else:
         mask.append("rngd.service")
     _chroot(tree, "systemctl", "enable", "--quiet", *enable, epoch=epoch)
-    for unit in mask:
-        for link in (tree / "etc" / "systemd" / "system").glob(f"*.wants/{unit}"):
-            link.unlink()
+    for wants in (tree / "etc" / "systemd" / "system").glob("*.wants"):
+        for unit in mask:
+            # lexists: the links point at absolute paths inside the image (dangling from here).
+            if os.path.lexists(wants / unit):
+                (wants / unit).unlink()
     _chroot(tree, "systemctl", "mask", "--quiet", *mask, epoch=epoch)
     # systemd's ssh generator would add sshd listeners on AF_VSOCK and a local AF_UNIX socket:
     # sshd listens on the USB link only.
@@ -226,7 +228,11 @@ def build_image(
     overlay_dir: Path = overlay.OVERLAY_DIR,
     log: Log = print,
 ) -> BuildResult:
-    """Build the image for settings.board into <output_dir>/<board>/; see docs/image.md."""
+    """Build the image for settings.board into <output_dir>/<board>/; see docs/image.md.
+
+    ``host_keys_from`` reuses the SSH host keys of an earlier build (only for reproducibility
+    checks: every real image gets its own); ``overlay_dir`` exists for the benchmark.
+    """
     steps = Steps(log)
     board = boards.BOARDS[settings.board]
     out_root = settings.output_dir.expanduser()

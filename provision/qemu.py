@@ -67,7 +67,7 @@ def find_image(settings: Settings, image: Path | None = None) -> GuestImage:
     """The image to boot: ``image``, else the one in <output_dir>/qemu/; checked before anything starts."""
     if image is None:
         out = settings.output_dir.expanduser() / "qemu"
-        found = sorted(out.glob("*.img"))
+        found = sorted(p for p in out.glob("*.img") if p.name != "initrd.img")  # initrd.img is no disk
         if not found:
             raise QemuError(f"no image in {out}/: build one with: invoke build-image --board qemu")
         image = found[-1]

@@ -219,6 +219,7 @@ DEVICE_PYTHON = "/usr/bin/python3"  # the system python, like Debian's on the de
 RESTART_SCRIPT = """\
 import os, resource, signal, subprocess, sys, time
 pidfile, config, log, repo = sys.argv[1:5]
+user = sys.argv[5] if len(sys.argv) > 5 else None  # run the agent as Clef's service user, as systemd does
 try:
     pid = int(open(pidfile).read())
     os.kill(pid, signal.SIGTERM)
@@ -233,7 +234,7 @@ env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": repo, "LANG": "C.U
 with open(log, "ab") as out:
     p = subprocess.Popen([sys.executable, "-m", "armory_agent", "serve", "--verbose", "--config", config],
                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                         start_new_session=True, cwd="/")
+                         start_new_session=True, cwd="/", user=user, group=user, extra_groups=[])
 open(pidfile, "w").write(str(p.pid))
 """
 
@@ -258,8 +259,27 @@ class DeviceEnv:
 
 
 @contextlib.contextmanager
-def device_env(workdir: Path, clef_binary: Path, firewall: bool = True) -> Iterator[DeviceEnv]:
-    """A device on this machine: sshd + agent in a namespace, all state under ``workdir/device``."""
+def service_user() -> Iterator[str]:
+    """A throw-away system user standing in for the device's `clef` user (removed afterwards)."""
+    name = f"armtest{secrets.token_hex(3)}"
+    run("useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+        "--shell", "/usr/sbin/nologin", name)
+    try:
+        yield name
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, check=False)
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def device_env(
+    workdir: Path, clef_binary: Path, firewall: bool = True, user: str | None = None
+) -> Iterator[DeviceEnv]:
+    """A device on this machine: sshd + agent in a namespace, all state under ``workdir/device``.
+
+    With ``user``, Clef and the agent run as that user (runuser / setuid), like the device's
+    `clef` user; ``workdir`` must then be reachable by it (e.g. 0755 under /tmp).
+    """
     from provision.layout import DeviceLayout
     from provision.ssh import Target
     from tests.agent_helpers import write_agent_config
@@ -269,6 +289,14 @@ def device_env(workdir: Path, clef_binary: Path, firewall: bool = True) -> Itera
     etc = root / "etc/clef-armory"
     run_dir = root / "run/clef-armory"
     workdir.mkdir(parents=True, exist_ok=True)
+    if user is not None:  # the service user must reach its files and run Clef (the cache is under /root)
+        (workdir / "bin").mkdir(exist_ok=True)
+        clef_binary = Path(shutil.copy(clef_binary, workdir / "bin" / "clef"))
+        os.chmod(workdir / "bin", 0o755)  # noqa: S103 - the service user must reach it
+        for d in (workdir, workdir / "device", workdir / "device" / "var", workdir / "device" / "var/lib",
+                  workdir / "device" / "run"):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o755)  # noqa: S103 - the service user must reach it
     (workdir / "journal.txt").write_text("systemd[1]: Started clef-armory-agent.service\n")
     for d in (state, etc, run_dir):
         d.mkdir(parents=True, exist_ok=True)
@@ -281,14 +309,21 @@ def device_env(workdir: Path, clef_binary: Path, firewall: bool = True) -> Itera
             write_agent_config(agent_config, clef_binary, state, interface="usb0", address=DEVICE_IP,
                                port=8550, clef_port=8551, bind_to_device=True,
                                control_socket=run_dir / "control.sock", leds=root / "no-leds")
+            if user is not None:
+                shutil.chown(run_dir, user, user)
+                shutil.chown(agent_config, "root", user)
+                os.chmod(agent_config, 0o640)
+                os.chmod(etc, 0o750)  # noqa: S103 - the service user must reach it
+                shutil.chown(etc, "root", user)
+                os.chmod(etc.parent, 0o755)  # noqa: S103 - the service user must reach it
             restart = root / "restart-agent.py"
             restart.write_text(RESTART_SCRIPT)
             agent_log = root / "agent.log"
             layout = DeviceLayout(
                 admin_command=("env", f"PYTHONPATH={REPO}", DEVICE_PYTHON, "-m", "armory_agent.device_admin"),
                 clef=str(clef_binary),
-                clef_user="root",
-                as_clef_user=(),
+                clef_user=user or "root",
+                as_clef_user=("runuser", "-u", user, "--") if user else (),
                 lightkdf=True,
                 state_dir=str(state),
                 configdir=str(state / "clef"),
@@ -297,9 +332,9 @@ def device_env(workdir: Path, clef_binary: Path, firewall: bool = True) -> Itera
                 rules_record=str(state / "rules.js.sha256"),
                 staging_dir=str(state / "staging"),
                 agent_config=str(agent_config),
-                agent_config_group="root",
+                agent_config_group=user or "root",
                 agent_restart=(DEVICE_PYTHON, str(restart), str(root / "agent.pid"), str(agent_config),
-                               str(agent_log), str(REPO)),
+                               str(agent_log), str(REPO), *([user] if user else [])),
                 agent_command=(DEVICE_PYTHON, "-m", "armory_agent"),
                 agent_pythonpath=str(REPO),
                 sshd_effective_config=(SSHD, "-T", "-f", str(server.config), "-C",

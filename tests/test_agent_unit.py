@@ -259,3 +259,10 @@ def test_cli_without_agent_says_so(tmp_path: Path) -> None:
     result = _cli("status", "--config", str(cfg))
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: agent not running (no control socket at {tmp_path}/nope.sock)"
+
+
+def test_host_allowlist_follows_the_listen_address() -> None:
+    cfg = config.from_mapping({"listen": {"address": "10.0.0.1", "port": 9000}})
+    assert cfg.policy.hosts == ("10.0.0.1", "10.0.0.1:9000")
+    cfg = config.from_mapping({"policy": {"hosts": ["Signer.Local"]}})
+    assert cfg.policy.hosts == ("signer.local",)

@@ -226,9 +226,10 @@ def test_agent_unit_verifies(tree_with: Path) -> None:
         ["systemd-analyze", "verify", f"--root={tree_with}", "clef-armory-agent.service"],
         capture_output=True, text=True, check=False,
     )
-    problems = [line for line in result.stderr.splitlines()
-                if ("clef-armory-agent" in line and "Unknown key" in line) or "Invalid" in line]
-    assert not problems, result.stderr
+    # The host's systemd may be older than the image's: other units' new keys are noise here; any
+    # complaint about our unit is a defect.
+    problems = [line for line in result.stderr.splitlines() if "clef-armory-agent" in line]
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.slow

@@ -184,3 +184,21 @@ def test_partuuid_and_identity_are_reproducible() -> None:
     assert a == disk.disk_identity("mk2:trixie:abc")
     assert a != disk.disk_identity("mk1:trixie:abc")
     assert re.fullmatch(r"[0-9a-f]{8}-01", disk.partuuid(a[0]))
+
+
+def test_pinned_bootloader_download_checks_its_digest(tmp_path: Path) -> None:
+    import hashlib
+
+    from image.build import _download_pinned
+
+    src = tmp_path / "u-boot.imx"
+    src.write_bytes(b"\x01" * 4096)
+    good = hashlib.sha256(src.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    got = _download_pinned(src.as_uri(), good, cache)
+    assert got.read_bytes() == src.read_bytes()
+    with pytest.raises(BuildError, match="does not match its pinned sha256"):
+        _download_pinned(src.as_uri(), "0" * 64, cache)
+    assert sorted(p.name for p in cache.iterdir()) == [good]
+    with pytest.raises(BuildError, match="--bootloader FILE"):
+        _download_pinned((tmp_path / "missing").as_uri(), good[::-1], cache)

@@ -84,12 +84,11 @@ def test_rules_render_carries_the_policy_and_is_stable() -> None:
 
 
 def test_agent_config_renders_from_the_overlay_template() -> None:
-    from provision import agentconfig
-    from provision.layout import DEFAULT
-
     import tomllib
 
     from armory_agent import config as agent_config
+    from provision import agentconfig
+    from provision.layout import DEFAULT
 
     text = agentconfig.render(DEFAULT, 11155111, None)
     cfg = agent_config.from_mapping(tomllib.loads(text))  # the agent accepts what provisioning writes
