@@ -126,14 +126,16 @@ _SSH_HELP = {
         "policy": "Policy YAML to render rules.js from (see docs/policy.md).",
         "chain_id": "Chain id for the policy's default and the agent (default: invoke.yaml).",
         "checks": "Run the key-handling checks at the end (default on).",
+        "yes": "Attest new rules without asking (they are still shown).",
     }
 )
 @user_errors
 def provision(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
               known_hosts: str = "", accounts: int = 1, import_keystore: str = "", rules: str = "",
               policy: str = "", chain_id: int | None = None, password_file: str = "",
-              checks: bool = True, json: bool = False) -> None:
+              checks: bool = True, json: bool = False, yes: bool = False) -> None:
     """Set Clef up on the device over SSH (seed, accounts, rules, agent), then check it."""
+    import sys
     from pathlib import Path
 
     from clef_armory.errors import ProvisionError
@@ -144,7 +146,9 @@ def provision(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "a
     inputs = commands.ProvisionInputs(
         accounts=accounts, import_keystore=Path(import_keystore) if import_keystore else None,
         rules_file=Path(rules) if rules else None, policy_file=Path(policy) if policy else None,
-        chain_id=settings.chain_id, run_checks=checks)
+        chain_id=settings.chain_id, run_checks=checks,
+        confirm=None if yes or json or not sys.stdin.isatty()
+        else lambda q: input(f"{q} [y/N] ").strip().lower() in ("y", "yes"))
     passwords = Passwords(Path(password_file) if password_file else None)
     session = commands.session_for(settings, host, port, user, identity, known_hosts)
     steps, results = commands.provision(session, passwords, inputs, say=(lambda _: None) if json else print)

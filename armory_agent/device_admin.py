@@ -406,11 +406,30 @@ def _permissions(layout: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Kernel and virtual filesystems: nothing of ours is stored there, and some files block when read
+# (/proc/kmsg), so they are never searched, wherever they are mounted (e.g. inside a chroot).
+_PSEUDO_FS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+              "securityfs", "pstore", "bpf", "configfs", "fusectl", "mqueue", "hugetlbfs",
+              "binfmt_misc", "autofs", "efivarfs", "rpc_pipefs", "nsfs"}
+
+
+def _pseudo_mounts() -> set[str]:
+    found = set()
+    for line in (_read_sys("/proc/self/mounts") or "").splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] in _PSEUDO_FS:
+            found.add(fields[1].replace("\\040", " "))
+    return found
+
+
 def _walk(layout: dict[str, Any]) -> Iterator[Path]:
     skip = tuple(layout["search_skip"])
+    pseudo = _pseudo_mounts()
     for root in layout["search_roots"]:
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-            dirnames[:] = [d for d in dirnames if not os.path.join(dirpath, d).startswith(skip)]
+            dirnames[:] = [d for d in dirnames
+                           if not os.path.join(dirpath, d).startswith(skip)
+                           and os.path.join(dirpath, d) not in pseudo]
             for name in filenames:
                 path = Path(dirpath, name)
                 try:

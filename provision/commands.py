@@ -46,6 +46,7 @@ class ProvisionInputs:
     chain_id: int = 1
     write_agent_config: bool = True
     run_checks: bool = True
+    confirm: Callable[[str], bool] | None = None  # asked before new rules are attested
 
     def __post_init__(self) -> None:
         if self.rules_file and self.policy_file:
@@ -76,6 +77,7 @@ def provision(
             rules_text=rules_text,
             agent_config=agent_config,
             link=session.link,
+            confirm=inputs.confirm,
         )
         steps = setup.provision(device, passwords, options, say)
         results: list[checks.CheckResult] = []

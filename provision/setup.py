@@ -39,6 +39,8 @@ class Options:
     agent_config: str | None = None  # rendered agent.toml to install
     link: Link | None = None  # where to wait for /health; None skips the agent steps
     ready_timeout: float = 120.0
+    # Asked after the new rules are shown and before anything changes; None: do not ask.
+    confirm: Callable[[str], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.accounts < 0:
@@ -55,6 +57,14 @@ def provision(
     steps: list[Step] = []
     state = device.call("state")
     say_state(state, say)
+
+    # New rules are shown (and confirmed, if asked for) before anything on the device changes.
+    digest = rules_mod.sha256(options.rules_text) if options.rules_text is not None else None
+    rules_wanted = digest is not None and not (state["rules_sha256"] == digest == state["rules_record"])
+    if options.rules_text is not None and rules_wanted:
+        say("rules to be attested:\n" + options.rules_text.rstrip())
+        if options.confirm is not None and not options.confirm("attest these rules?"):
+            raise ConfigError("cancelled before any change: the rules were not accepted")
 
     # Master seed.
     if state["masterseed"]:
@@ -100,12 +110,10 @@ def provision(
 
     # Rules.
     restart = False
-    if options.rules_text is not None:
-        digest = rules_mod.sha256(options.rules_text)
-        if state["rules_sha256"] == digest and state["rules_record"] == digest:
+    if options.rules_text is not None and digest is not None:
+        if not rules_wanted:
             steps.append(Step("rules", False, f"sha256 {digest[:16]}… already attested"))
         else:
-            say("rules to be attested:\n" + options.rules_text.rstrip())
             r = device.call("install-rules", secrets={"master": master}, rules=options.rules_text)
             steps.append(Step("rules", bool(r["changed"]), f"attested sha256 {digest[:16]}…"))
             restart = restart or bool(r["changed"])

@@ -276,3 +276,16 @@ def test_link_checks_fail_on_wrong_accounts_and_open_agent(dev: Provisioned) -> 
         config.write_text(original)
         dev.restart_and_unlock()
     assert DEVICE_IP in link.host
+
+
+@pytest.mark.timeout(300)
+def test_search_skips_a_proc_mounted_in_a_chroot(dev: Provisioned) -> None:
+    """/proc/kmsg blocks when read: a procfs mounted anywhere in the tree is not searched."""
+    chroot_proc = dev.env.root / "srv" / "chroot" / "proc"
+    chroot_proc.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "proc", "proc", str(chroot_proc)], check=True)
+    try:
+        results = dev.device_checks()
+        assert results["secrets"].ok and results["stray-keys"].ok
+    finally:
+        subprocess.run(["umount", str(chroot_proc)], check=True)

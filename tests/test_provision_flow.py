@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from clef_armory.errors import ProvisionError
+from clef_armory.errors import ConfigError, ProvisionError
 from provision import commands, report
 from provision.checks import CheckResult
 from provision.commands import ProvisionInputs, Session
@@ -94,26 +95,48 @@ class ProcScanner:
         self._thread.join()
 
 
+def laptop_roots(since: float, basetemp: Path) -> list[Path]:
+    """Where the laptop side could have written during the run, without walking other people's trees.
+
+    This test's temp tree, $HOME (tool caches pruned below), and every entry of /tmp made since
+    the run started (tempfile's default place); a pre-existing /tmp tree is not re-read.
+    """
+    fresh = [p for p in Path("/tmp").iterdir() if p.lstat().st_ctime >= since and p != basetemp]
+    return [basetemp, Path.home(), *fresh]
+
+
+_PRUNE = {".cache", ".pyenv", ".rustup", ".cargo", "go", ".npm"}
+
+
 def files_containing(needles: list[str], roots: list[Path], since: float, skip: Path) -> list[str]:
-    """Files under roots modified since ``since`` (bounded in size) that contain a needle."""
-    found = []
+    """Files under roots (or roots that are files) modified since ``since`` that contain a needle."""
     raw = [n.encode() for n in needles]
+    candidates: list[Path] = []
     for root in roots:
+        if root.is_file():
+            candidates.append(root)
+            continue
+        device = root.lstat().st_dev
         for dirpath, dirnames, filenames in os.walk(root):
-            if Path(dirpath) == skip or skip in Path(dirpath).parents:
+            here = Path(dirpath)
+            # Stay on the root's filesystem: a chroot under /tmp may have /proc mounted (kmsg blocks).
+            if here == skip or skip in here.parents or here.lstat().st_dev != device:
                 dirnames[:] = []
                 continue
-            for name in filenames:
-                path = Path(dirpath, name)
-                try:
-                    st = path.lstat()
-                    if not path.is_file() or st.st_mtime < since or st.st_size > 50 << 20:
-                        continue
-                    data = path.read_bytes()
-                except OSError:
-                    continue
-                if any(n in data for n in raw):
-                    found.append(str(path))
+            if here == Path.home():
+                dirnames[:] = [d for d in dirnames if d not in _PRUNE]
+            candidates.extend(here / name for name in filenames)
+    found = []
+    for path in candidates:
+        try:
+            st = path.lstat()
+            if not path.is_file() or st.st_mtime < since or st.st_size > 50 << 20:
+                continue
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if any(n in data for n in raw):
+            found.append(str(path))
     return found
 
 
@@ -157,7 +180,7 @@ def first_run(env: DeviceEnv, tmp_path_factory: pytest.TempPathFactory) -> First
 
 
 def test_provision_then_again_changes_nothing_then_check_unlock_status(
-    env: DeviceEnv, first_run: FirstRun, tmp_path: Path
+    env: DeviceEnv, first_run: FirstRun, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     run = first_run
     assert run.proc_scans > 10
@@ -168,9 +191,18 @@ def test_provision_then_again_changes_nothing_then_check_unlock_status(
     assert any("rules to be attested" in line and RECIPIENT in line for line in run.said)  # shown first
     assert_checks_pass(run.results)
 
-    # The laptop wrote nothing with a password in it (the test's temp dirs, /tmp, HOME).
-    laptop_roots = [Path("/tmp"), Path.home()]
-    assert files_containing([run.master, run.account], laptop_roots, run.started, skip=env.root) == []
+    # The laptop wrote nothing with a password in it (the test's temp dirs, new /tmp entries, HOME).
+    roots = laptop_roots(run.started, tmp_path_factory.getbasetemp())
+    assert files_containing([run.master, run.account], roots, run.started, skip=env.root) == []
+    # ... and that search would have seen a leak in a new /tmp file.
+    fd, leak = tempfile.mkstemp(prefix="leak-")
+    os.write(fd, b"pw=" + run.account.encode())
+    os.close(fd)
+    try:
+        roots = laptop_roots(run.started, tmp_path_factory.getbasetemp())
+        assert files_containing([run.account], roots, run.started, skip=env.root) == [leak]
+    finally:
+        os.unlink(leak)
 
     # Second run: nothing to do, and it says so.
     steps2, results2 = commands.provision(
@@ -200,6 +232,14 @@ def test_changed_policy_rerenders_reattests_restarts(
     env: DeviceEnv, first_run: FirstRun, tmp_path: Path
 ) -> None:
     policy = write_policy(tmp_path / "policy2.yaml", max_value_eth="0.02", allow_text_signing=False)
+    before = _state(env)
+    shown: list[str] = []
+    with pytest.raises(ConfigError, match="cancelled before any change"):
+        commands.provision(session(env), Passwords(ask=lambda p: first_run.master),
+                           ProvisionInputs(accounts=3, policy_file=policy, write_agent_config=False,
+                                           confirm=lambda q: False), shown.append)
+    assert any("0.02" not in line and "rules to be attested" in line for line in shown)
+    assert _state(env) == before  # declined: no account created, rules untouched
     steps, results = commands.provision(
         session(env), Passwords(ask=lambda p: first_run.master),
         ProvisionInputs(accounts=0, policy_file=policy, write_agent_config=False), lambda _: None)

@@ -37,6 +37,8 @@ CHAIN_ID = 1
 # Generous bounds: Clef's standard scrypt (N=262144, 256 MiB) under TCG takes tens of seconds.
 SIGN_TIMEOUT = 600.0
 READY_TIMEOUT = 900.0
+# The USB armory Mk II's RAM (a 1 GiB variant exists). CLEF_ARMORY_QEMU_MEMORY overrides it for experiments.
+GUEST_MEMORY_MIB = int(os.environ.get("CLEF_ARMORY_QEMU_MEMORY", "512"))
 
 
 class Timings:
@@ -138,7 +140,8 @@ def guest(built: tuple[qemu.GuestImage, Path], tmp_path_factory: pytest.TempPath
           timings: Timings) -> Iterator[qemu.QemuGuest]:
     image, _ = built
     workdir = tmp_path_factory.mktemp("qemu")  # kept by pytest: the console log survives a failure
-    g = qemu.QemuGuest(image, workdir=workdir, memory_mib=512, cpus=2, boot_timeout=READY_TIMEOUT)
+    g = qemu.QemuGuest(image, workdir=workdir, memory_mib=GUEST_MEMORY_MIB, cpus=2,
+                       boot_timeout=READY_TIMEOUT)
     try:
         timings.add("boot_to_sshd", g.start())
         yield g
