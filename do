@@ -16,7 +16,7 @@ HOST_PACKAGES=(
   python3 python3-venv python3-pip git ca-certificates
   mmdebstrap qemu-user-static binfmt-support arch-test
   e2fsprogs fdisk bmap-tools gnupg zstd xz-utils
-  device-tree-compiler u-boot-tools
+  device-tree-compiler u-boot-tools cpp debian-archive-keyring
   qemu-system-arm qemu-utils openssh-client openssh-server nftables iproute2 util-linux graphviz
 )
 

@@ -39,13 +39,14 @@ def test(c: Context, fast: bool = False, k: str = "", lint: bool = True) -> None
         "size": "Raw image size, e.g. 3500M (default: invoke.yaml).",
         "output": "Output directory; the image goes to <output>/<board>/ (default: build/).",
         "usb_net": "USB network function: ecm (default), rndis or ncm (for Windows hosts).",
+        "refresh_rootfs": "Rebuild the cached root filesystem (e.g. after a Debian point release).",
     },
 )
 @user_errors
 def build_image(c: Context, board: str | None = None, suite: str | None = None,
                 mirror: str | None = None, clef: str | None = None, ssh_key: str | None = None,
                 bootloader: str | None = None, size: str | None = None, output: str | None = None,
-                usb_net: str = "ecm") -> None:
+                usb_net: str = "ecm", refresh_rootfs: bool = False) -> None:
     """Build the device's disk image (rootfs cached; see docs/image.md)."""
     from pathlib import Path
 
@@ -54,7 +55,7 @@ def build_image(c: Context, board: str | None = None, suite: str | None = None,
     settings = settings_from(c, board=board, suite=suite, mirror=mirror, clef_source=clef,
                              ssh_key=ssh_key, image_size=size, output_dir=output)
     result = build(settings, bootloader=Path(bootloader) if bootloader else None,
-                   usb_function=usb_net)
+                   usb_function=usb_net, refresh_rootfs=refresh_rootfs)
     print(f"image: {result.image}")
 
 

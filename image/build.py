@@ -226,6 +226,7 @@ def build_image(
     usb_function: str = "ecm",
     host_keys_from: Path | None = None,
     overlay_dir: Path = overlay.OVERLAY_DIR,
+    refresh_rootfs: bool = False,
     log: Log = print,
 ) -> BuildResult:
     """Build the image for settings.board into <output_dir>/<board>/; see docs/image.md.
@@ -250,7 +251,7 @@ def build_image(
 
     spec = rootfs.RootfsSpec(suite=settings.suite, mirror=settings.mirror)
     with steps.step(f"root filesystem {spec.key()} (cached, or mmdebstrap: several minutes)"):
-        fs = rootfs.build(spec, cache, log=log)
+        fs = rootfs.build(spec, cache, log=log, refresh=refresh_rootfs)
         log(f"    {'reused cached' if fs.cached else 'built'} rootfs: kernel {fs.kernel_version}, "
             f"{len(fs.packages)} packages")
 

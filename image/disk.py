@@ -72,8 +72,10 @@ def fix_times(image: Path, tree: Path, epoch: int) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as script:
         script.write("".join(commands))
         script.flush()
+        # The fake time also keeps debugfs from stamping "now" into the superblock's write time.
+        env = dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch))
         result = subprocess.run(["debugfs", "-w", "-f", script.name, f"{image}?offset={PARTITION_START}"],
-                                capture_output=True, text=True, check=False)
+                                capture_output=True, text=True, env=env, check=False)
     problems = [line for line in result.stderr.splitlines()
                 if line.strip() and not line.startswith("debugfs ")]
     if result.returncode != 0 or problems:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -65,10 +67,18 @@ def test_same_inputs_same_bytes(tmp_path: Path) -> None:
     tree = _tree(tmp_path)
     digests = []
     for name in ("a.img", "b.img"):
+        time.sleep(1.1)  # a timestamp taken from the clock would now differ
         img = tmp_path / name
         disk.assemble(img, tree, 96 << 20, seed="same", epoch=EPOCH)
         digests.append(hashlib.sha256(img.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+    # Every time the superblock records is the given epoch, never the clock.
+    head = subprocess.run(["dumpe2fs", "-h", f"{tmp_path / 'a.img'}?offset={5 << 20}"],
+                          capture_output=True, text=True, check=True).stdout
+    stamps = [line.split(":", 1)[1].strip() for line in head.splitlines()
+              if line.startswith(("Filesystem created", "Last write time", "Last checked"))]
+    expected = time.strftime("%a %b %e %H:%M:%S %Y", time.localtime(EPOCH))
+    assert stamps == [expected] * 3, stamps
 
 
 def test_too_small_writes_nothing(tmp_path: Path) -> None:
