@@ -136,8 +136,9 @@ def _clef(layout: dict[str, Any], args: list[str], stdin: str, keystore: str | N
 
 def _clean_env() -> dict[str, str]:
     """A minimal environment for child processes (nothing of ours leaks through it)."""
+    # GOMEMLIMIT: see armory_agent.supervisor.CLEF_GOMEMLIMIT (Clef must fit a 512 MiB board).
     return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
-            "HOME": "/nonexistent"}
+            "HOME": "/nonexistent", "GOMEMLIMIT": "300MiB"}
 
 
 def _address_of(key_file: Path) -> str | None:

@@ -67,6 +67,17 @@ def clef_argv(cfg: AgentConfig) -> list[str]:
     return argv
 
 
+# Each scrypt run of Clef allocates 256 MiB and Go does not return the first buffer before the second run
+# (newaccount runs two): without a soft limit `clef newaccount` peaked at 552 MB and was OOM-killed on a
+# 512 MiB guest; with it, 290 MB. Used for every Clef process the device starts.
+CLEF_GOMEMLIMIT = "300MiB"
+
+
+def clef_env() -> dict[str, str]:
+    """Clef's environment: ours plus a Go soft memory limit that fits a 512 MiB board."""
+    return {**os.environ, "GOMEMLIMIT": CLEF_GOMEMLIMIT}
+
+
 def _death_signal_prefix() -> list[str]:
     """`setpriv --pdeathsig KILL --` when available: if the agent is killed outright, the kernel
     kills Clef too, so no unlocked Clef outlives the agent that enforces the policy in front of
@@ -210,6 +221,7 @@ class ClefSupervisor:
                 stderr=asyncio.subprocess.PIPE,
                 limit=16 * 1024 * 1024,
                 cwd=str(self.cfg.clef.state_dir),
+                env=clef_env(),
                 start_new_session=True,
             )
         except OSError as e:

@@ -28,6 +28,7 @@ PACKAGES = {
     "dtc": "device-tree-compiler",
     "mkimage": "u-boot-tools",
     "qemu-system-arm": "qemu-system-arm",
+    "qemu-img": "qemu-utils",
     "ssh-keygen": "openssh-client",
     "sshd": "openssh-server",
     "nft": "nftables",
