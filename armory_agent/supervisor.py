@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -78,12 +78,18 @@ def clef_env() -> dict[str, str]:
     return {**os.environ, "GOMEMLIMIT": CLEF_GOMEMLIMIT}
 
 
-def _death_signal_prefix() -> list[str]:
-    """`setpriv --pdeathsig KILL --` when available: if the agent is killed outright, the kernel
-    kills Clef too, so no unlocked Clef outlives the agent that enforces the policy in front of
-    it. (Under systemd the unit's cgroup is cleaned up anyway.)"""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_agent() -> None:
+    """Runs in the child before exec: if the agent is killed outright, the kernel kills Clef too, so
+    no unlocked Clef outlives the agent that enforces the policy in front of it.
+
+    prctl() directly rather than `setpriv --pdeathsig`: the unit's seccomp filter (~@privileged)
+    denies the capset() setpriv makes, and setpriv then exits 127 without starting Clef."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def _private_file(path: Path) -> None:
@@ -211,7 +217,7 @@ class ClefSupervisor:
         self._http_opened = self._started_notice = self._master_failed = False
         self.rules = "disabled: no rules file" if not self.cfg.clef.rules.is_file() else "unknown"
         await self._set(STARTING)
-        argv = [*_death_signal_prefix(), *clef_argv(self.cfg)]
+        argv = clef_argv(self.cfg)
         _private_file(self.cfg.clef.auditlog)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -222,6 +228,7 @@ class ClefSupervisor:
                 limit=16 * 1024 * 1024,
                 cwd=str(self.cfg.clef.state_dir),
                 env=clef_env(),
+                preexec_fn=_die_with_agent,
                 start_new_session=True,
             )
         except OSError as e:
