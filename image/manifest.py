@@ -14,17 +14,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from clef_armory.clef import sha256_file
 from clef_armory.errors import BuildError, PrerequisiteError
 
 HOST_KEY_TYPES = ("ed25519",)
 
+__all__ = ["sha256_file"]
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+
 
 
 def fingerprint(public_key_line: str) -> str:
