@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from armory_agent import CLEF_GOMEMLIMIT
+
 _VAULT_RE = re.compile(r"^[0-9a-f]{20}$")
 _ADDRESS_RE = re.compile(r"^(0x)?[0-9a-fA-F]{40}$")
 _GENERATED_RE = re.compile(r"Generated account (0x[0-9a-fA-F]{40})")
@@ -136,9 +138,8 @@ def _clef(layout: dict[str, Any], args: list[str], stdin: str, keystore: str | N
 
 def _clean_env() -> dict[str, str]:
     """A minimal environment for child processes (nothing of ours leaks through it)."""
-    # GOMEMLIMIT: see armory_agent.supervisor.CLEF_GOMEMLIMIT (Clef must fit a 512 MiB board).
     return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
-            "HOME": "/nonexistent", "GOMEMLIMIT": "300MiB"}
+            "HOME": "/nonexistent", "GOMEMLIMIT": CLEF_GOMEMLIMIT}
 
 
 def _address_of(key_file: Path) -> str | None:

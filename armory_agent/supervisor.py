@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from armory_agent import uiproto
+from armory_agent import CLEF_GOMEMLIMIT, uiproto
 from armory_agent.config import AgentConfig
 from armory_agent.errors import ControlError
 
@@ -65,12 +65,6 @@ def clef_argv(cfg: AgentConfig) -> list[str]:
     if c.rules.is_file():
         argv += ["--rules", str(c.rules)]
     return argv
-
-
-# Each scrypt run of Clef allocates 256 MiB and Go does not return the first buffer before the second run
-# (newaccount runs two): without a soft limit `clef newaccount` peaked at 552 MB and was OOM-killed on a
-# 512 MiB guest; with it, 290 MB. Used for every Clef process the device starts.
-CLEF_GOMEMLIMIT = "300MiB"
 
 
 def clef_env() -> dict[str, str]:
