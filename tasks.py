@@ -34,8 +34,15 @@ def test(c: Context, fast: bool = False, k: str = "", lint: bool = True) -> None
         "suite": "Debian suite of the device's root filesystem (default: invoke.yaml, trixie).",
         "mirror": "Debian mirror URL (default: invoke.yaml).",
         "clef": "Where Clef (ARMv7) comes from: source | release | path:FILE.",
-        "ssh_key": "Admin's SSH public key for the device (default: ~/.ssh/id_ed25519.pub).",
-        "bootloader": "Bootloader file to write at the board's offset (Mk II: required).",
+        "ssh_key": "Admin's SSH public key for the device (default: ~/.ssh/id_ed25519.pub, else a key "
+                   "pair made for it, ~/.ssh/clef-armory_ed25519).",
+        "bootloader": "Bootloader file to write at the board's offset, instead of the board's own "
+                      "(Mk II: U-Boot built from pinned sources).",
+        "uboot_patch": "Local copy of the pinned Mk II U-Boot board patch, for machines that cannot "
+                       "reach GitHub (its sha256 is checked).",
+        "boot_medium": "Mk II U-Boot boots from: uSD | eMMC (default: invoke.yaml, uSD).",
+        "memory": "Mk II DDR size: 512M | 1G (default: invoke.yaml, 512M).",
+        "soc": "Mk II SoC: imx6ulz | imx6ul; picks U-Boot's fdtfile and the image's dtb (default: imx6ulz).",
         "size": "Raw image size, e.g. 3500M (default: invoke.yaml).",
         "output": "Output directory; the image goes to <output>/<board>/ (default: build/).",
         "usb_net": "USB network function: ecm (default), rndis or ncm (for Windows hosts).",
@@ -46,16 +53,21 @@ def test(c: Context, fast: bool = False, k: str = "", lint: bool = True) -> None
 def build_image(c: Context, board: str | None = None, suite: str | None = None,
                 mirror: str | None = None, clef: str | None = None, ssh_key: str | None = None,
                 bootloader: str | None = None, size: str | None = None, output: str | None = None,
-                usb_net: str = "ecm", refresh_rootfs: bool = False) -> None:
+                usb_net: str = "ecm", refresh_rootfs: bool = False, uboot_patch: str | None = None,
+                boot_medium: str | None = None, memory: str | None = None, soc: str | None = None) -> None:
     """Build the device's disk image (rootfs cached; see docs/image.md)."""
     from pathlib import Path
 
+    from image import asroot
     from image.build import build_image as build
 
     settings = settings_from(c, board=board, suite=suite, mirror=mirror, clef_source=clef,
-                             ssh_key=ssh_key, image_size=size, output_dir=output)
-    result = build(settings, bootloader=Path(bootloader) if bootloader else None,
-                   usb_function=usb_net, refresh_rootfs=refresh_rootfs)
+                             ssh_key=ssh_key, image_size=size, output_dir=output, uboot_patch=uboot_patch,
+                             boot_medium=boot_medium, memory=memory, soc=soc)
+    asroot.ensure_root()  # a normal user: the same command again under sudo
+    with asroot.for_caller(settings):  # under sudo: the caller's ~, and the outputs go back to them
+        result = build(settings, bootloader=Path(bootloader) if bootloader else None,
+                       usb_function=usb_net, refresh_rootfs=refresh_rootfs)
     print(f"image: {result.image}")
 
 
@@ -110,7 +122,8 @@ _SSH_HELP = {
     "host": "Device address over the USB link (10.0.0.1).",
     "port": "SSH port on the device.",
     "user": "Admin user to log in as (the image's admin user, 'armory').",
-    "identity": "SSH private key file (default: ssh-agent, then ~/.ssh/id_ed25519, id_ecdsa, id_rsa).",
+    "identity": "SSH private key file (default: ssh-agent, then ~/.ssh/clef-armory_ed25519, id_ed25519, "
+                "id_ecdsa, id_rsa).",
     "known_hosts": "known_hosts pinning the device's host key (default: build/<board>/known_hosts).",
     "password_file": "Read passwords once from this 0600 file ('master: ...', 'account: ...').",
     "json": "Print JSON for scripts instead of a table.",
@@ -235,7 +248,7 @@ def status(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armo
 @user_errors
 def run_qemu(c: Context, image: str = "", memory: int = 512, cpus: int = 2, timeout: float = 900.0,
              state: str = "", hold: bool = True) -> None:
-    """Boot the qemu board's image in qemu-system-arm: a stand-in device reachable through loopback ports."""
+    """Boot the qemu board's image via its U-Boot and extlinux.conf: a stand-in device on loopback ports."""
     import time
     from pathlib import Path
 

@@ -176,50 +176,138 @@ def _install_atomically(src: Path, dest: Path) -> None:
 # --- source --------------------------------------------------------------------------------------
 
 
+GO_CANDIDATES = ("/usr/local/go/bin/go", "/usr/lib/go/bin/go")
+INSTALL_GO = (
+    "run ./do (it installs Go), or sudo apt-get install golang-go (Debian 12: "
+    "-t bookworm-backports), or pass --clef release"
+)
+
+
+def _parse_go_version(text: str) -> tuple[int, int] | None:
+    m = re.match(r"go(\d+)\.(\d+)", text.strip())
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _go_version_of(go: str) -> str | None:
+    try:
+        out = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "GOTOOLCHAIN": "local"}, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and _parse_go_version(out.stdout) else None
+
+
 def go_binary() -> Path:
-    found = shutil.which("go") or next(
-        (p for p in ("/usr/local/go/bin/go", "/usr/lib/go/bin/go") if Path(p).exists()), None
-    )
-    if not found:
+    """The first Go >= MIN_GO: on PATH, else where Go's tarball or Debian put it.
+
+    Go >= 1.21 fetches the newer toolchain go-ethereum's go.mod asks for by itself (GOTOOLCHAIN=auto,
+    checked against the checksum database), so Debian 12's backports Go 1.23 is enough.
+    """
+    seen: list[str] = []
+    for candidate in (shutil.which("go"), *GO_CANDIDATES):
+        if candidate is None or candidate in seen or not Path(candidate).is_file():
+            continue
+        seen.append(candidate)
+        version = _go_version_of(candidate)
+        parsed = _parse_go_version(version or "")
+        if parsed is not None and parsed >= MIN_GO:
+            return Path(candidate)
+        if version:
+            seen[-1] = f"{candidate} ({version})"
+    if seen:
         raise PrerequisiteError(
-            "Go is not installed: apt-get install golang-go (Go >= 1.21), or use --clef release"
+            f"Go >= 1.21 is needed to build Clef; found only {', '.join(seen)}: {INSTALL_GO}"
         )
-    return Path(found)
+    raise PrerequisiteError(f"Go is not installed (Clef is built from source with Go >= 1.21): {INSTALL_GO}")
 
 
 def go_version(go: Path) -> str:
-    out = subprocess.run([str(go), "env", "GOVERSION"], capture_output=True, text=True, check=False)
-    m = re.match(r"go(\d+)\.(\d+)", out.stdout.strip())
-    if out.returncode != 0 or not m:
+    version = _go_version_of(str(go))
+    parsed = _parse_go_version(version or "")
+    if version is None or parsed is None:
         raise PrerequisiteError(f"cannot tell the version of {go}")
-    if (int(m.group(1)), int(m.group(2))) < MIN_GO:
-        raise PrerequisiteError(
-            f"{out.stdout.strip()} is too old to build Clef (need Go >= 1.21); "
-            "install a newer golang-go or use --clef release"
-        )
-    return out.stdout.strip()
+    if parsed < MIN_GO:
+        raise PrerequisiteError(f"{version} is too old to build Clef (need Go >= 1.21): {INSTALL_GO}")
+    return version
+
+
+def go_env(cache_dir: Path, gopath: Path) -> dict[str, str]:
+    """The environment for `go install` of pinned modules: caches under cache_dir, and toolchain
+    switching on even where GOTOOLCHAIN=local is set (Debian's go.env sets it): an older Go then
+    fetches the toolchain the module's go.mod asks for into the module cache, verified by checksum."""
+    env = {
+        **os.environ,
+        "GOPATH": str(gopath),
+        "GOMODCACHE": str(cache_dir / "go" / "mod"),
+        "GOCACHE": str(cache_dir / "go" / "build"),
+        "GOFLAGS": "-modcacherw",
+    }
+    if not env.get("GOTOOLCHAIN", "").startswith("go"):  # keep a toolchain the user named
+        env["GOTOOLCHAIN"] = "auto"
+    env.pop("GOBIN", None)
+    return env
+
+
+def _source_key(version: str, target: Arch) -> str:
+    return f"{version}-{target.goarch}{'v' + target.goarm if target.goarm else ''}"
+
+
+def cached_source_build(version: str, target: Arch, cache_dir: Path) -> Path | None:
+    """A Clef built from source earlier (by any Go), for when no Go is available now."""
+    found = sorted((cache_dir / "clef").glob(f"{_source_key(version, target)}-go*/clef"),
+                   key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def preflight(spec: str, *, version: str, arch: str, cache_dir: Path) -> str:
+    """Cheap check that `acquire` can work, before any slow build step; says what it will use."""
+    if arch not in ARCHS:
+        raise ClefError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
+    target = ARCHS[arch]
+    if spec == "source":
+        try:
+            go = go_binary()
+        except PrerequisiteError:
+            if cached_source_build(version, target, cache_dir) is not None:
+                return "cached source build (no Go needed)"
+            raise
+        return f"built from source with {go} ({go_version(go)})"
+    if spec == "release":
+        if not shutil.which("gpg"):
+            raise PrerequisiteError("gpg is not installed (it checks the Clef release): "
+                                    "sudo apt-get install gnupg")
+        return "signed release"
+    if spec.startswith("path:"):
+        path = Path(spec[5:]).expanduser()
+        if not path.is_file():
+            raise ClefError(f"Clef binary {path} does not exist")
+        check_elf(path, target)
+        return f"given binary {path}"
+    raise ClefError(f"unknown Clef source {spec!r}: use source, release or path:FILE")
 
 
 def _from_source(version: str, target: Arch, cache_dir: Path, log: Log) -> ClefBinary:
-    go = go_binary()
+    try:
+        go = go_binary()
+    except PrerequisiteError:
+        earlier = cached_source_build(version, target, cache_dir)
+        if earlier is None:
+            raise
+        log(f"no Go here; using Clef built earlier ({earlier.parent.name})")
+        return _checked(earlier, version, target, "source")
     gover = go_version(go)
-    key = f"{version}-{target.goarch}{'v' + target.goarm if target.goarm else ''}-{gover}"
+    key = f"{_source_key(version, target)}-{gover}"
     cached = cache_dir / "clef" / key / "clef"
     if cached.exists():
         return _checked(cached, version, target, "source")
     log(f"building Clef {version} for {target.name} with {gover} (a few minutes the first time)")
     with tempfile.TemporaryDirectory(prefix="clef-build-") as tmp:
         env = {
-            **os.environ,
-            "GOPATH": tmp,
-            "GOMODCACHE": str(cache_dir / "go" / "mod"),
-            "GOCACHE": str(cache_dir / "go" / "build"),
-            "GOFLAGS": "-modcacherw",
+            **go_env(cache_dir, Path(tmp)),
             "CGO_ENABLED": "0",
             "GOOS": "linux",
             "GOARCH": target.goarch,
         }
-        env.pop("GOBIN", None)
         if target.goarm:
             env["GOARM"] = target.goarm
         argv = [

@@ -21,6 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = REPO_ROOT / "invoke.yaml"
 
 BOARDS = ("mk2", "mk1", "qemu")
+# The Mk II U-Boot's build switches (the vendor's BOOT, DDR and SoC choices; image/uboot.py).
+BOOT_MEDIA = ("uSD", "eMMC")
+MEMORY_SIZES = ("512M", "1G")
+SOCS = ("imx6ulz", "imx6ul")
 _SIZE_RE = re.compile(r"^(\d+)([KMG]?)$")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
@@ -39,10 +43,17 @@ class Settings:
     cache_dir: Path = Path("~/.cache/clef-armory")
     image_size: str = "3500M"
     ssh_key: Path = Path("~/.ssh/id_ed25519.pub")
+    boot_medium: str = "uSD"
+    memory: str = "512M"
+    soc: str = "imx6ulz"
+    uboot_patch: Path | None = None
 
     def __post_init__(self) -> None:
         if self.board not in BOARDS:
             raise ConfigError(f"unknown board {self.board!r}: choose one of {', '.join(BOARDS)}")
+        check_choice("boot_medium", self.boot_medium, BOOT_MEDIA)
+        check_choice("memory", self.memory, MEMORY_SIZES)
+        check_choice("soc", self.soc, SOCS)
         if not _VERSION_RE.match(self.clef_version):
             raise ConfigError(f"clef_version {self.clef_version!r} is not of the form X.Y.Z")
         if not isinstance(self.chain_id, int) or self.chain_id <= 0:
@@ -68,6 +79,11 @@ class Settings:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+
+
 def parse_size(text: str) -> int:
     """'3500M' -> bytes. Units K, M, G are powers of 1024; a bare number is bytes."""
     m = _SIZE_RE.match(str(text).strip().upper().removesuffix("IB").removesuffix("B"))
@@ -87,7 +103,7 @@ def from_mapping(values: Mapping[str, Any]) -> Settings:
         if value is None:
             continue
         default = fields[name].default
-        if isinstance(default, Path):
+        if isinstance(default, Path) or fields[name].type == "Path | None":
             converted[name] = Path(str(value))
         elif isinstance(default, int) and not isinstance(default, bool):
             try:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from clef_armory.errors import ConfigError
+from image import uboot
+
 MIB = 1 << 20
 # Vendor layout: MBR, one ext4 partition from 5 MiB to the end of the image.
 PARTITION_START = 5 * MIB
@@ -32,8 +35,7 @@ class Bootloader:
     # One of the two sources below; a --bootloader FILE overrides either.
     deb_package: str | None = None  # Debian package that ships it...
     deb_path: str | None = None  # ...and its path inside the package
-    url: str | None = None  # pinned download
-    sha256: str | None = None  # pinned digest of the download
+    uboot: uboot.Sources | None = None  # or built here from pinned sources (image/uboot.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,15 +46,37 @@ class DeviceTree:
     from_kernel: str | None = None  # path glob inside the rootfs (Debian-shipped dtb)
     dts_file: str | None = None  # our source in image/dts/ (compiled against the kernel's dtsi)
     compatible: str | None = None  # the board's most specific compatible string
+    soc: str | None = None  # the SoC this dtb is for, where the board comes with more than one...
+    alternatives: tuple[DeviceTree, ...] = ()  # ...and the dtbs for its other SoCs
+
+    def for_soc(self, soc: str) -> DeviceTree:
+        """The dtb for the ``soc`` setting (boards with a single SoC ignore it)."""
+        if self.soc is None or soc == self.soc:
+            return self
+        for alt in self.alternatives:
+            if alt.soc == soc:
+                return alt
+        choices = ", ".join([self.soc, *(a.soc or "" for a in self.alternatives)])
+        raise ConfigError(f"no device tree for SoC {soc!r} on this board: choose one of {choices}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Firmware:
+    """What an emulated board's CPU starts (``qemu-system-arm -bios``): shipped next to the image as
+    ``file_name``, never written into the disk, taken from a Debian package of the image's suite."""
+
+    deb_package: str
+    deb_path: str  # path inside the package
+    file_name: str  # name in the build's outputs
 
 
 @dataclasses.dataclass(frozen=True)
 class Board:
-    """One target. ``boot`` is "extlinux" (U-Boot distro boot) or "direct" (qemu -kernel/-initrd)."""
+    """One target. Every board boots the same way: U-Boot distro boot reads /boot/extlinux/extlinux.conf
+    from the disk (the qemu board's U-Boot is its ``firmware``; real boards have it on the disk)."""
 
     name: str
     description: str
-    boot: str
     console: str  # kernel console= value
     root_device: str  # what the kernel mounts; a PARTUUID keeps it independent of slot numbering
     gadget: bool  # usb0 is a USB gadget (configfs) rather than a renamed NIC
@@ -61,7 +85,7 @@ class Board:
     device_tree: DeviceTree | None = None
     bootloader: Bootloader | None = None
     extra_cmdline: tuple[str, ...] = ()
-    outputs_kernel: bool = False  # also place vmlinuz/initrd.img next to the image (qemu boots them)
+    firmware: Firmware | None = None
 
     def cmdline(self, root: str) -> str:
         return " ".join(["root=" + root, "rw", "rootwait", f"console={self.console}", *self.extra_cmdline])
@@ -70,7 +94,6 @@ class Board:
 MK1 = Board(
     name="mk1",
     description="USB armory Mk I (i.MX53), microSD",
-    boot="extlinux",
     console="ttymxc0,115200",
     root_device="partuuid",
     gadget=True,
@@ -94,7 +117,6 @@ MK1 = Board(
 MK2 = Board(
     name="mk2",
     description="USB armory Mk II (i.MX6ULZ/6UL), microSD or eMMC",
-    boot="extlinux",
     console="ttymxc1,115200",
     root_device="partuuid",
     gadget=True,
@@ -103,31 +125,44 @@ MK2 = Board(
         Led("LED_WHITE", "GPIO4_21", True, "none"),
         Led("LED_BLUE", "GPIO4_22", True, "heartbeat"),
     ),
+    # The soc setting picks the dtb (and U-Boot's fdtfile): same board, imx6ulz.dtsi or imx6ul.dtsi.
     device_tree=DeviceTree(
         dtb_name="imx6ulz-usbarmory.dtb",
         dts_file="imx6ulz-usbarmory.dts",
         compatible="usbarmory,imx6ulz-usbarmory-mk2",
+        soc="imx6ulz",
+        alternatives=(
+            DeviceTree(
+                dtb_name="imx6ul-usbarmory.dtb",
+                dts_file="imx6ul-usbarmory.dts",
+                compatible="usbarmory,imx6ul-usbarmory-mk2",
+                soc="imx6ul",
+            ),
+        ),
     ),
     bootloader=Bootloader(
         offset=1024,
         # The Mk II U-Boot keeps its environment at 1 MiB: the bootloader must end before it.
         limit=1 * MIB,
-        # No Mk II U-Boot is in Debian. A pinned download needs a digest we have verified ourselves;
-        # none is recorded yet, so --bootloader FILE is required (see docs/image.md).
-        url=None,
-        sha256=None,
+        # Not in Debian or mainline U-Boot: built from the pinned release + the vendor's board patch.
+        uboot=uboot.MK2,
     ),
 )
 
 QEMU = Board(
     name="qemu",
     description="qemu-system-arm -M virt stand-in (virtio disk, virtio NIC named usb0)",
-    boot="direct",
     console="ttyAMA0",
-    root_device="/dev/vda1",
+    root_device="partuuid",
     gadget=False,
     hw_rng=False,
-    outputs_kernel=True,
+    # QEMU's virt machine hands U-Boot its own device tree, and U-Boot hands it on to the kernel:
+    # no dtb in the image, no fdt line in extlinux.conf.
+    firmware=Firmware(
+        deb_package="u-boot-qemu",
+        deb_path="usr/lib/u-boot/qemu_arm/u-boot.bin",
+        file_name="u-boot.bin",
+    ),
 )
 
 BOARDS: dict[str, Board] = {b.name: b for b in (MK2, MK1, QEMU)}

@@ -23,7 +23,7 @@ from typing import Any
 from clef_armory import clef as clef_mod
 from clef_armory.config import Settings
 from clef_armory.errors import ArmoryError, BuildError
-from image import boards, debs, devicetree, disk, manifest, overlay, rootfs
+from image import boards, debs, devicetree, disk, manifest, overlay, rootfs, sshkey, uboot
 from image.boards import Board
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -77,19 +77,30 @@ def _check_output_dir(root: Path) -> None:
         raise BuildError(f"cannot write to output directory {root}: {e.strerror}") from None
 
 
-def _resolve_bootloader(board: Board, given: Path | None, settings: Settings, log: Log) -> Path | None:
-    """The bootloader file to write: --bootloader, else the board's Debian package or pinned URL."""
+@dataclasses.dataclass(frozen=True)
+class _Loader:
+    """The bootloader to write and where it came from (for the manifest): a file now, or a plan to
+    build one (the Mk II U-Boot) in its own step."""
+
+    origin: dict[str, Any]
+    path: Path | None = None
+    plan: uboot.Plan | None = None
+
+
+def _resolve_bootloader(board: Board, given: Path | None, settings: Settings, log: Log) -> _Loader:
+    """--bootloader FILE, else the board's Debian package, else its U-Boot from pinned sources (checked
+    here, built later)."""
     spec = board.bootloader
     if spec is None:
         if given is not None:
             raise BuildError(f"board {board.name} boots without a bootloader on the disk; drop --bootloader")
-        return None
+        return _Loader(origin={})
     if given is not None:
         path = given.expanduser()
         if not path.is_file():
             raise BuildError(f"bootloader {path} does not exist")
         disk.check_bootloader(path, spec.offset, spec.limit)
-        return path
+        return _Loader(origin={"source": "file", "file": str(path)}, path=path)
     if spec.deb_package and spec.deb_path:
         cache = settings.cache_path
         deb, version = debs.fetch(spec.deb_package, mirror=settings.mirror, suite=settings.suite,
@@ -99,39 +110,23 @@ def _resolve_bootloader(board: Board, given: Path | None, settings: Settings, lo
         if not target.is_file():
             debs.extract(deb, [spec.deb_path], dest)
         disk.check_bootloader(target, spec.offset, spec.limit)
-        return target
-    if spec.url and spec.sha256:
-        return _download_pinned(spec.url, spec.sha256, settings.cache_path / "bootloader")
-    raise BuildError(
-        f"board {board.name} needs its bootloader: pass --bootloader FILE "
-        "(no verified download is pinned for it; see docs/image.md)"
-    )
+        return _Loader(origin={"source": "debian", "package": spec.deb_package, "version": version,
+                               "path": spec.deb_path}, path=target)
+    if spec.uboot is not None:
+        plan = uboot.prepare(spec.uboot, uboot.Variant.from_settings(settings), cache_dir=settings.cache_path,
+                             mirror=settings.mirror, offset=spec.offset, limit=spec.limit,
+                             patch_file=settings.uboot_patch, log=log)
+        return _Loader(origin={"source": "u-boot from pinned sources"}, plan=plan)
+    raise BuildError(f"board {board.name} has no bootloader source: pass --bootloader FILE")
 
 
-def _download_pinned(url: str, sha256: str, cache: Path) -> Path:
-    """Download a pinned file once; the digest must match or nothing is kept."""
-    import urllib.error
-    import urllib.request
-
-    dest = cache / sha256
-    if dest.is_file() and manifest.sha256_file(dest) == sha256:
-        return dest
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as f:  # noqa: S310
-            shutil.copyfileobj(response, f)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise BuildError(
-            f"cannot download the bootloader from {url} ({getattr(e, 'reason', e)}): "
-            "pass --bootloader FILE"
-        ) from None
-    if manifest.sha256_file(tmp) != sha256:
-        tmp.unlink(missing_ok=True)
-        raise BuildError(f"bootloader from {url} does not match its pinned sha256; not used")
-    tmp.replace(dest)
-    return dest
+def _resolve_firmware(board: Board, settings: Settings, log: Log) -> tuple[Path, str] | None:
+    """An emulated board's firmware (qemu's U-Boot) from the suite's Debian package: (file, version)."""
+    spec = board.firmware
+    if spec is None:
+        return None
+    return debs.cached_member(spec.deb_package, spec.deb_path, mirror=settings.mirror,
+                              suite=settings.suite, cache_dir=settings.cache_path, log=log)
 
 
 def _chroot(tree: Path, *args: str, epoch: int) -> str:
@@ -240,14 +235,28 @@ def build_image(
     cache = settings.cache_path
 
     with steps.step(f"checking inputs for {board.name} ({board.description})"):
-        authorized_key = manifest.read_authorized_key(settings.ssh_key)
         _check_output_dir(out_root)
+        rootfs.check_binfmt()
+        # Go (or a cached Clef, or --clef release/path:) now, not after minutes of mmdebstrap.
+        clef_plan = clef_mod.preflight(settings.clef_source, version=settings.clef_version,
+                                       arch="armv7", cache_dir=cache)
+        log(f"    Clef: {clef_plan}")
+        loader = _resolve_bootloader(board, bootloader, settings, log)
+        firmware = _resolve_firmware(board, settings, log)
+        cache.mkdir(parents=True, exist_ok=True)
+        # Last: it may make a key pair and ask for its passphrase.
+        authorized_key = sshkey.authorized_key(settings.ssh_key, log=log)
         overlay.DeviceConfig(board=board, suite=settings.suite, kernel_version="", root="",
                              authorized_key=authorized_key,
                              network=overlay.Network(usb_function=usb_function))
-        rootfs.check_binfmt()
-        bootloader_file = _resolve_bootloader(board, bootloader, settings, log)
-        cache.mkdir(parents=True, exist_ok=True)
+
+    bootloader_file, bootloader_origin = loader.path, loader.origin
+    if loader.plan is not None:
+        plan = loader.plan
+        with steps.step(f"U-Boot {plan.sources.version} for {board.name} ({plan.variant.describe()}; "
+                        "cached, or built: 1-2 minutes)"):
+            built = uboot.build(plan, log)
+            bootloader_file, bootloader_origin = built.path, {**bootloader_origin, **built.record}
 
     spec = rootfs.RootfsSpec(suite=settings.suite, mirror=settings.mirror)
     with steps.step(f"root filesystem {spec.key()} (cached, or mmdebstrap: several minutes)"):
@@ -271,7 +280,8 @@ def build_image(
 
         disk_id, _, _ = disk.disk_identity(f"{board.name}:{settings.suite}:{fs.key}")
         root = f"PARTUUID={disk.partuuid(disk_id)}" if board.root_device == "partuuid" else board.root_device
-        dtb_path = f"/boot/dtbs/{board.device_tree.dtb_name}" if board.device_tree else None
+        device_tree = board.device_tree.for_soc(settings.soc) if board.device_tree else None
+        dtb_path = f"/boot/dtbs/{device_tree.dtb_name}" if device_tree else None
         cfg = overlay.DeviceConfig(
             board=board, suite=settings.suite, kernel_version=fs.kernel_version, root=root,
             authorized_key=authorized_key, chain_id=settings.chain_id, clef_version=clef.version,
@@ -279,10 +289,10 @@ def build_image(
         )
 
         dtb_info: dict[str, Any] | None = None
-        if board.device_tree is not None:
-            with steps.step(f"device tree {board.device_tree.dtb_name}"):
-                dest = tree / "boot" / "dtbs" / board.device_tree.dtb_name
-                dtb_info = devicetree.install(board.device_tree, tree, dest, settings, log=log)
+        if device_tree is not None:
+            with steps.step(f"device tree {device_tree.dtb_name}"):
+                dest = tree / "boot" / "dtbs" / device_tree.dtb_name
+                dtb_info = devicetree.install(device_tree, tree, dest, settings, log=log)
 
         with steps.step("overlay: users, host keys, rendered files, agent, Clef, services"):
             _create_users(tree, cfg, fs.source_date_epoch)
@@ -324,10 +334,15 @@ def build_image(
             )
 
         extra: list[str] = []
-        if board.outputs_kernel:
-            shutil.copyfile(tree / "boot" / f"vmlinuz-{fs.kernel_version}", stage / "vmlinuz")
-            shutil.copyfile(tree / "boot" / f"initrd.img-{fs.kernel_version}", stage / "initrd.img")
-            extra = ["vmlinuz", "initrd.img"]
+        firmware_record: dict[str, Any] | None = None
+        if board.firmware is not None and firmware is not None:
+            # The emulated board's U-Boot: next to the image, not in it (it is the machine's ROM).
+            fw_path, fw_version = firmware
+            shutil.copyfile(fw_path, stage / board.firmware.file_name)
+            extra.append(board.firmware.file_name)
+            firmware_record = {"file": board.firmware.file_name, "package": board.firmware.deb_package,
+                               "version": fw_version, "path": board.firmware.deb_path,
+                               "sha256": manifest.sha256_file(fw_path)}
 
         with steps.step("block map (bmap)"):
             from image import bmap as bmap_mod
@@ -366,6 +381,7 @@ def build_image(
                     "partuuid": disk.partuuid(disk_id),
                     "root": root,
                     "bootloader": None if bootloader_file is None else {
+                        **bootloader_origin,
                         "offset": board.bootloader.offset if board.bootloader else 0,
                         "size": bootloader_file.stat().st_size,
                         "sha256": manifest.sha256_file(bootloader_file),
@@ -375,9 +391,10 @@ def build_image(
                 },
                 "device_tree": dtb_info,
                 "kernel_cmdline": board.cmdline(root),
+                "firmware": firmware_record,
                 "files": {"image": image.name, "bmap": f"{name}.img.bmap",
-                          "compressed": compressed.name, "kernel": extra[0] if extra else None,
-                          "initrd": extra[1] if extra else None},
+                          "compressed": compressed.name,
+                          "firmware": firmware_record["file"] if firmware_record else None},
                 "image_sha256": image_sha256,
             }
             manifest.write_json(stage / "manifest.json", data)

@@ -1,5 +1,6 @@
 """Fetch single armhf/all .debs from the Debian mirror with the host's apt, for files we need at
-build time but not on the device (Debian's Mk I U-Boot, the kernel's device tree sources).
+build time but not on the device (Debian's Mk I U-Boot, the qemu board's U-Boot, the kernel's
+device tree sources).
 
 apt runs with a private state directory under the cache, so the host's own apt setup is untouched,
 and it checks the mirror's signatures with the host's Debian archive keyring as usual.
@@ -7,7 +8,9 @@ and it checks the mirror's signatures with the host's Debian archive keyring as 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,3 +77,28 @@ def extract(deb: Path, members: list[str], dest: Path) -> None:
     dpkg.wait()
     if dpkg.returncode != 0 or tar.returncode != 0:
         raise BuildError(f"cannot extract {', '.join(members)} from {deb.name}: {tar.stderr.strip()}")
+
+
+def cached_member(package: str, member: str, *, mirror: str, suite: str, cache_dir: Path,
+                  log: Log = print) -> tuple[Path, str]:
+    """One file out of `package`, extracted once into the cache; returns (its path, package version).
+
+    The file appears under its final name only when completely extracted, so an interrupted run
+    leaves nothing in the cache that a later one would take for whole.
+    """
+    deb, version = fetch(package, mirror=mirror, suite=suite, cache_dir=cache_dir, log=log)
+    dest = cache_dir / "deb-files" / suite / f"{package}_{version}"
+    target = dest / member
+    if target.is_file():
+        return target, version
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{package}-", dir=dest.parent))
+    try:
+        extract(deb, [member], tmp)
+        if not (tmp / member).is_file():
+            raise BuildError(f"{deb.name} has no file {member}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (tmp / member).replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, version

@@ -555,24 +555,84 @@ def _sdp_present() -> bool:
     return False
 
 
-def _ums_loader(ums_image: Path) -> list[str]:
+# armory-boot-usb, built with Go from a pinned module version (Go checks it against go.sum and the
+# checksum database). Its newest tag, v2026.02.02, is not a semantic version, so Go names that commit
+# (55996d854eee, 2026-02-02 12:05:19 UTC) by this pseudo-version.
+ARMORY_BOOT_MODULE = "github.com/usbarmory/armory-boot"
+ARMORY_BOOT_VERSION = "v0.0.0-20260202120519-55996d854eee"
+# armory-ums.imx is a release binary (no digest has been verified by this project).
+ARMORY_UMS_RELEASE = "https://github.com/usbarmory/armory-ums/releases/tag/v20231018"
+
+
+def armory_boot_usb(cache_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """The pinned armory-boot-usb, built once with Go (cgo: it talks to hidraw) and cached."""
+    from clef_armory import clef
+    from clef_armory.errors import PrerequisiteError
+
+    try:
+        go = clef.go_binary()
+        gover = clef.go_version(go)
+    except PrerequisiteError as e:
+        raise FlashError(f"cannot build armory-boot-usb: {e}") from None
+    cached = cache_dir / "tools" / f"armory-boot-usb-{ARMORY_BOOT_VERSION}-{gover}" / "armory-boot-usb"
+    if cached.is_file():
+        return cached
+    log(f"building armory-boot-usb {ARMORY_BOOT_VERSION} with {gover}")
+    with tempfile.TemporaryDirectory(prefix="armory-boot-usb-") as tmp:
+        env = {**clef.go_env(cache_dir, Path(tmp)), "CGO_ENABLED": "1"}
+        argv = [str(go), "install", "-trimpath", "-buildvcs=false",
+                f"{ARMORY_BOOT_MODULE}/cmd/armory-boot-usb@{ARMORY_BOOT_VERSION}"]
+        run = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        built = Path(tmp) / "bin" / "armory-boot-usb"
+        if run.returncode != 0 or not built.is_file():
+            last = run.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise FlashError(f"building armory-boot-usb failed: {last[0]} (needs Go >= 1.21, gcc and "
+                             "the Go module proxy; or install imx_usb)")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        part = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
+        shutil.copyfile(built, part)
+        part.chmod(0o755)
+        os.replace(part, cached)
+    return cached
+
+
+def _installed_loader(ums_image: Path) -> list[str] | None:
     if shutil.which("armory-boot-usb"):
         return ["armory-boot-usb", "-i", str(ums_image)]
     if shutil.which("imx_usb"):
         return ["imx_usb", str(ums_image)]
-    raise FlashError("no USB boot loader found: install armory-boot-usb (go install "
-                     "github.com/usbarmory/armory-boot/cmd/armory-boot-usb@latest) or imx_usb "
-                     "(github.com/boundarydevices/imx_usb_loader)")
+    return None
+
+
+def emmc_tools(settings: Settings, ums_image: Path | None,
+               say: Callable[[str], None] = print) -> tuple[list[str], Path]:
+    """The USB loader's command line and armory-ums.imx, or one error naming every missing piece."""
+    from clef_armory import clef
+    from clef_armory.errors import PrerequisiteError
+
+    image = ums_image or settings.cache_path / "armory-ums" / "armory-ums.imx"
+    loader = _installed_loader(image)
+    missing = []
+    if not image.is_file():
+        missing.append(f"armory-ums.imx at {image} (download armory-ums.imx from {ARMORY_UMS_RELEASE}, "
+                       "github.com/usbarmory/armory-ums/releases, and put it there or pass --ums-image)")
+    if loader is None:
+        try:
+            clef.go_binary()
+        except PrerequisiteError:
+            missing.append("a USB loader: armory-boot-usb (built here with Go >= 1.21: run ./do to "
+                           "install Go) or imx_usb (github.com/boundarydevices/imx_usb_loader)")
+    if missing:
+        raise FlashError(f"--emmc needs {'; and '.join(missing)}")
+    if loader is None:
+        loader = [str(armory_boot_usb(settings.cache_path, say)), "-i", str(image)]
+    return loader, image
 
 
 def expose_emmc(settings: Settings, ums_image: Path | None, say: Callable[[str], None],
                 timeout: float = 180.0) -> str:
     """Guide the user into USB boot mode, load armory-ums, return the eMMC's /dev path."""
-    image = ums_image or settings.cache_path / "armory-ums" / "armory-ums.imx"
-    if not image.is_file():
-        raise FlashError(f"armory-ums firmware not found at {image}: download armory-ums.imx "
-                         "from github.com/usbarmory/armory-ums/releases and pass --ums-image")
-    loader = _ums_loader(image)
+    loader, image = emmc_tools(settings, ums_image, say)
     say("To expose the Mk II's eMMC over USB:\n"
         "  1. unplug the USB armory and take out its microSD card;\n"
         "  2. slide the boot switch toward the microSD slot;\n"

@@ -6,6 +6,13 @@ virtio NIC is named usb0 and has 10.0.0.1; QEMU's user-mode network uses 10.0.0.
 at 10.0.0.2, so the agent and sshd see the same peer address as on a real laptop. Two free loopback
 ports on this machine are forwarded to the guest's 10.0.0.1:22 and 10.0.0.1:8550.
 
+It boots like the real boards: QEMU starts Debian's U-Boot for qemu_arm (``-bios``, from the build's
+outputs), whose distro boot reads /boot/extlinux/extlinux.conf from the disk and starts the kernel and
+initramfs it names with the command line it gives. A boot that goes wrong is read off the console as it
+happens (U-Boot failing to load a file or falling back to network boot, a kernel panic, the initramfs
+or systemd giving up) and reported at once instead of after the boot timeout; ``-no-reboot`` turns a
+reset into QEMU exiting, so nothing loops.
+
 The built image is never written: the guest's disk is a qcow2 overlay on top of it (``qemu-img create
 -b``), kept for the guest's lifetime so a power cycle keeps what provisioning wrote, like a real device.
 
@@ -20,11 +27,13 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,9 +59,7 @@ class GuestImage:
     """A built qemu-board image and what booting it needs, as recorded in its manifest.json."""
 
     image: Path
-    kernel: Path
-    initrd: Path
-    cmdline: str
+    firmware: Path  # U-Boot for qemu_arm: what the emulated CPU starts (-bios)
     known_hosts: Path
     manifest: dict[str, Any]
 
@@ -67,7 +74,7 @@ def find_image(settings: Settings, image: Path | None = None) -> GuestImage:
     """The image to boot: ``image``, else the one in <output_dir>/qemu/; checked before anything starts."""
     if image is None:
         out = settings.output_dir.expanduser() / "qemu"
-        found = sorted(p for p in out.glob("*.img") if p.name != "initrd.img")  # initrd.img is no disk
+        found = sorted(out.glob("*.img"))
         if not found:
             raise QemuError(f"no image in {out}/: build one with: invoke build-image --board qemu")
         image = found[-1]
@@ -84,16 +91,15 @@ def find_image(settings: Settings, image: Path | None = None) -> GuestImage:
     if manifest.get("board") != "qemu":
         raise QemuError(f"{image} is built for board {manifest.get('board')!r}, not qemu: it cannot boot")
     files = manifest.get("files") or {}
-    kernel = image.parent / str(files.get("kernel") or "vmlinuz")
-    initrd = image.parent / str(files.get("initrd") or "initrd.img")
+    if not files.get("firmware"):
+        raise QemuError(f"{image} was built without U-Boot (an older build booted with -kernel): "
+                        "rebuild it with invoke build-image --board qemu")
+    firmware = image.parent / str(files["firmware"])
     known_hosts = image.parent / "known_hosts"
-    for path, what in ((kernel, "kernel"), (initrd, "initrd"), (known_hosts, "known_hosts")):
+    for path, what in ((firmware, "U-Boot firmware"), (known_hosts, "known_hosts")):
         if not path.is_file():
             raise QemuError(f"the build's {what} {path} is missing: run invoke build-image --board qemu")
-    cmdline = manifest.get("kernel_cmdline")
-    if not isinstance(cmdline, str) or "root=" not in cmdline:
-        raise QemuError(f"{manifest_file} has no kernel_cmdline with root=")
-    return GuestImage(image, kernel, initrd, cmdline, known_hosts, manifest)
+    return GuestImage(image, firmware, known_hosts, manifest)
 
 
 def free_port() -> int:
@@ -215,7 +221,7 @@ class QemuGuest:
         finally:
             if self._own_workdir and self.workdir != Path() and self.workdir.exists():
                 if keep_logs:
-                    for name in ("disk.qcow2", "disk.img", "vmlinuz", "initrd.img", "qmp.sock"):
+                    for name in ("disk.qcow2", "disk.img", "u-boot.bin", "qmp.sock"):
                         (self.workdir / name).unlink(missing_ok=True)
                     self.log(f"console log kept: {self.console_log}")
                 else:
@@ -247,17 +253,18 @@ class QemuGuest:
             return took
         raise QemuError("could not forward loopback ports to the guest after 3 tries: ports keep being taken")
 
-    def stop(self) -> bool:
+    def stop(self, *, power_down: bool = True) -> bool:
         """Ask the guest to power down (ACPI-like power button over QMP); kill it if it does not.
 
-        Returns True when the guest powered itself off within ``stop_timeout``.
+        Returns True when the guest powered itself off within ``stop_timeout``. ``power_down=False``
+        stops QEMU at once (a boot that failed has nobody to answer the power button).
         """
         proc = self.proc
         if proc is None:
             return True
         clean = False
         try:
-            if proc.poll() is None:
+            if proc.poll() is None and power_down:
                 with contextlib.suppress(OSError, ValueError):
                     qmp = Qmp(self.qmp_socket)
                     try:
@@ -269,7 +276,7 @@ class QemuGuest:
                     clean = True
                 except subprocess.TimeoutExpired:
                     self.log(f"guest did not power off within {self.stop_timeout:.0f} s; stopping QEMU")
-            else:
+            elif proc.poll() is not None:
                 clean = proc.returncode == 0
         finally:
             if proc.poll() is None:
@@ -339,8 +346,7 @@ class QemuGuest:
                 self.workdir = Path(tempfile.mkdtemp(prefix="clef-armory-qemu-"))
         # Keep our own links to the build's files, so a rebuild that replaces build/qemu/ while the
         # guest runs cannot swap the backing file under the overlay.
-        sources = (("disk.img", self.image.image), ("vmlinuz", self.image.kernel),
-                   ("initrd.img", self.image.initrd))
+        sources = (("disk.img", self.image.image), ("u-boot.bin", self.image.firmware))
         self._files = {name: self._pin(src, name) for name, src in sources}
         state = self._state_arg
         self.overlay = state.expanduser().resolve() if state else self.workdir / "disk.qcow2"
@@ -382,10 +388,12 @@ class QemuGuest:
         return [
             "qemu-system-arm", "-M", "virt", "-cpu", "cortex-a15", "-smp", str(self.cpus),
             "-m", str(self.memory_mib), "-nodefaults", "-no-user-config", "-display", "none",
+            # A reset (U-Boot giving up, a kernel panic with panic=N) ends QEMU instead of looping.
+            "-no-reboot",
             "-serial", f"file:{self.console_log}",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
-            "-kernel", str(self._files["vmlinuz"]), "-initrd", str(self._files["initrd.img"]),
-            "-append", self.image.cmdline,
+            # U-Boot boots the disk's /boot/extlinux/extlinux.conf; QEMU gives it the virt device tree.
+            "-bios", str(self._files["u-boot.bin"]),
             "-drive", f"file={self.overlay},format=qcow2,if=none,id=hd",
             "-device", "virtio-blk-device,drive=hd",
             # restrict=on: the guest cannot reach this machine or beyond; only the forwards get in.
@@ -397,6 +405,7 @@ class QemuGuest:
         ]
 
     def _launch(self) -> None:
+        self.console_log.unlink(missing_ok=True)  # the boot watch must not read the last boot's console
         stderr = (self.workdir / "qemu.stderr").open("wb")
         try:
             self.proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=stderr,
@@ -413,31 +422,119 @@ class QemuGuest:
             text = (self.workdir / "qemu.stderr").read_text(errors="replace").strip()
         except OSError:
             text = ""
-        return text.splitlines()[-1] if text else f"exit status {self.proc.returncode if self.proc else '?'}"
+        if text:
+            return text.splitlines()[-1]
+        code = self.proc.returncode if self.proc else None
+        if code == 0:  # -no-reboot: the guest reset or powered itself off
+            return f"the guest reset or powered off (last console line: {self.console_tail(1) or '(none)'})"
+        return f"exit status {code if code is not None else '?'}"
+
+    def _console_text(self) -> str:
+        try:
+            return self.console_log.read_bytes().decode(errors="replace").replace("\r", "")
+        except OSError:
+            return ""
 
     def _wait_for_sshd(self, t0: float) -> None:
+        # The banner probe runs beside the console watch: until the guest's TCP stack answers, a probe
+        # of the forwarded port can hang for seconds, and a failed boot must be seen at once.
+        answered, done = threading.Event(), threading.Event()
+        port = self.ssh_port
+
+        def probe() -> None:
+            while not done.is_set():
+                if _sshd_banner(port):
+                    answered.set()
+                    return
+                done.wait(1.0)
+
+        threading.Thread(target=probe, name="sshd-probe", daemon=True).start()
+        try:
+            self._watch_boot(t0, answered)
+        finally:
+            done.set()
+
+    def _watch_boot(self, t0: float, answered: threading.Event) -> None:
         deadline = t0 + self.boot_timeout
         last_note = t0
+        kernel_seen = False
         while time.monotonic() < deadline:
             assert self.proc is not None
+            console = self._console_text()
+            failure = boot_failure(console)
+            if failure is not None:
+                took = time.monotonic() - t0
+                self.stop(power_down=False)
+                raise QemuError(f"boot failed after {took:.0f} s: {failure} (console: {self.console_log})")
             if self.proc.poll() is not None:
                 why = self._qemu_error()
                 self.proc = None
                 if "hostfwd" in why or "host forwarding" in why:
                     raise _PortTaken(why)
                 raise QemuError(f"qemu-system-arm stopped while booting: {why} (console: {self.console_log})")
-            if _sshd_banner(self.ssh_port):
+            if not kernel_seen and KERNEL_START in console:
+                kernel_seen = True
+                self.log(f"    U-Boot started the kernel after {time.monotonic() - t0:.0f} s")
+            if answered.is_set():
                 return
             if time.monotonic() - last_note > 60:
                 last_note = time.monotonic()
                 lines = self.console_tail(1)
                 self.log(f"    still booting ({last_note - t0:.0f} s): {lines[-100:]}")
-            time.sleep(2.0)
+            answered.wait(1.0)
         tail = self.console_tail(1)
         self.stop()
         raise QemuError(
             f"sshd did not answer within {self.boot_timeout:.0f} s; last console line: "
             f"{tail or '(none)'} (full log: {self.console_log})")
+
+
+# What U-Boot prints as it hands over to the kernel; the console before it is U-Boot's, after it Linux's.
+KERNEL_START = "Starting kernel ..."
+_RETRIEVING = re.compile(r"^Retrieving file: (\S+)", re.M)
+# (pattern, what it means): U-Boot's, looked for until the kernel starts.
+_UBOOT_FAILURES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^Skipping .* for failure retrieving (\w+).*$", re.M),
+     "U-Boot could not load the {item} that /boot/extlinux/extlinux.conf names"),
+    (re.compile(r"^(BOOTP broadcast|DHCP client bound|TFTP from server|Retrieving file: pxelinux).*$", re.M),
+     "U-Boot found nothing to boot on the disk (/boot/extlinux/extlinux.conf) and fell back to network boot"),
+    (re.compile(r"(?:^|\n)=> ?$"), "U-Boot stopped at its prompt: nothing on the disk booted"),
+)
+# Linux's, from the initramfs and systemd.
+_KERNEL_FAILURES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"Kernel panic - not syncing.*$", re.M), "the kernel panicked"),
+    (re.compile(r"ALERT!.*$", re.M), "the initramfs could not mount the root filesystem"),
+    (re.compile(r"Gave up waiting for root file system device.*$", re.M),
+     "the initramfs could not find the root filesystem"),
+    (re.compile(r"^\(initramfs\).*$", re.M), "the initramfs dropped to a shell"),
+    (re.compile(r"(You are in emergency mode|Cannot open access to console, the root account is locked).*$",
+                re.M), "systemd gave up and entered emergency mode"),
+)
+
+
+def boot_failure(console: str) -> str | None:
+    """Why the boot on this console (as far as it got) cannot succeed any more; None while it still can.
+
+    One line: what failed, and the console line that says so.
+    """
+    uboot, started, linux = console.partition(KERNEL_START)
+    if not started:
+        # The earliest failure is the cause (a disk that does not boot comes before the network attempt).
+        found = [(m, what) for pattern, what in _UBOOT_FAILURES if (m := pattern.search(uboot))]
+        if not found:
+            return None
+        m, what = min(found, key=lambda f: f[0].start())
+        item = m.group(1) if "{item}" in what else ""
+        files = _RETRIEVING.findall(uboot, 0, m.start())
+        if item and files:
+            item = f"{item} {files[-1]}"
+        line = m.group(0).strip()
+        return what.format(item=item) + (f" ({line!r})" if line else "")
+    for pattern, what in _KERNEL_FAILURES:
+        m = pattern.search(linux)
+        if m is not None:
+            return f"{what} ({m.group(0).strip()!r})"
+    return None
 
 
 class _PortTaken(Exception):

@@ -22,6 +22,7 @@ from pathlib import Path
 import paramiko
 
 from clef_armory.errors import HostKeyError, ProvisionError
+from image.sshkey import device_key
 
 # Which signature algorithms to offer for each pinned key type, so the server
 # presents the very key we pinned (not another one it also has).
@@ -218,31 +219,50 @@ def _load_identity(path: Path, passphrase: Callable[[str], str]) -> paramiko.PKe
     raise ProvisionError(f"wrong passphrase for SSH key {path} (or not an ed25519/ecdsa/rsa key)")
 
 
+DEFAULT_IDENTITY_NAMES = ("id_ed25519", "id_ecdsa", "id_rsa")
+
+
+def default_identities() -> list[Path]:
+    """Key files tried after ssh-agent's keys: the key the image build makes when the laptop has
+    none (image.sshkey), then OpenSSH's usual names."""
+    ssh_dir = Path("~/.ssh").expanduser()
+    return [device_key(), *(ssh_dir / name for name in DEFAULT_IDENTITY_NAMES)]
+
+
 def _authenticate(
     transport: paramiko.Transport, target: Target, passphrase: Callable[[str], str]
 ) -> None:
-    """Public key only: the given identity, else the ssh-agent's keys, else ~/.ssh defaults."""
-    keys: list[paramiko.PKey] = []
-    if target.identity is not None:
-        keys.append(_load_identity(target.identity.expanduser(), passphrase))
-    else:
-        keys.extend(paramiko.Agent().get_keys())
-        for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
-            path = Path("~/.ssh").expanduser() / name
-            if path.exists():
-                keys.append(_load_identity(path, passphrase))
-    if not keys:
-        raise ProvisionError("no SSH key to log in with: pass --identity KEY or load one into ssh-agent")
-    for key in keys:
+    """Public key only: the given identity, else the ssh-agent's keys, else the default key files.
+
+    Key files are loaded one at a time, only if the keys before them were refused, so a passphrase
+    is asked for only when that key is really needed.
+    """
+    tried = 0
+
+    def accepted(key: paramiko.PKey) -> bool:
+        nonlocal tried
+        tried += 1
         try:
             transport.auth_publickey(target.user, key)
         except paramiko.AuthenticationException:
-            continue
-        if transport.is_authenticated():
+            return False
+        return transport.is_authenticated()
+
+    if target.identity is not None:
+        if accepted(_load_identity(target.identity.expanduser(), passphrase)):
             return
+    else:
+        for agent_key in paramiko.Agent().get_keys():
+            if accepted(agent_key):
+                return
+        for path in default_identities():
+            if path.exists() and accepted(_load_identity(path, passphrase)):
+                return
+    if not tried:
+        raise ProvisionError("no SSH key to log in with: pass --identity KEY or load one into ssh-agent")
     raise ProvisionError(
         f"SSH login as {target.user}@{target.host} refused for "
-        f"{len(keys)} key(s): is the key in the image's authorized_keys?"
+        f"{tried} key(s): is the key in the image's authorized_keys?"
     )
 
 

@@ -510,7 +510,15 @@ def test_emmc_without_a_usb_loader_says_how_to_install_one(
     ums = tmp_path / "armory-ums.imx"
     ums.write_bytes(b"imx")
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(FlashError, match=r"armory-boot-usb@latest.*imx_usb"):
+    monkeypatch.setattr(flash, "_installed_loader", lambda _image: None)
+    from clef_armory import clef
+    from clef_armory.errors import PrerequisiteError
+
+    def no_go() -> Path:
+        raise PrerequisiteError("Go is not installed")
+
+    monkeypatch.setattr(clef, "go_binary", no_go)
+    with pytest.raises(FlashError, match=r"armory-boot-usb.*run \./do.*imx_usb"):
         flash.expose_emmc(Settings(cache_dir=tmp_path), ums, lambda _s: None, timeout=1)
 
 

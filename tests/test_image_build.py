@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,11 +33,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def ssh_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("sshkey")
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test@laptop",
-                    "-f", str(d / "id_ed25519")], check=True)
-    return d / "id_ed25519.pub"
+def ssh_key(build_ssh_key: Path) -> Path:
+    return build_ssh_key
 
 
 def _settings(board: str, out: Path, key: Path, **extra: str) -> config.Settings:
@@ -85,8 +83,10 @@ def test_outputs_are_complete_and_checksummed(qemu_build: BuildResult) -> None:
     out = qemu_build.out_dir
     name = qemu_build.manifest["name"]
     for f in (f"{name}.img", f"{name}.img.bmap", f"{name}.img.zst", "SHA256SUMS", "manifest.json",
-              "known_hosts", "vmlinuz", "initrd.img"):
+              "known_hosts", "u-boot.bin"):
         assert (out / f).is_file(), f
+    assert not (out / "vmlinuz").exists() and not (out / "initrd.img").exists()  # the disk has them
+    assert "u-boot.bin" in (out / "SHA256SUMS").read_text()
     subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=out, check=True)
     subprocess.run(["zstd", "-q", "-t", str(out / f"{name}.img.zst")], check=True)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "partial dirs left"
@@ -233,12 +233,24 @@ def test_agent_unit_verifies(tree_with: Path) -> None:
 
 
 @pytest.mark.slow
-def test_qemu_kernel_outputs_match_the_image(qemu_image: Image, qemu_build: BuildResult) -> None:
-    kv = qemu_build.manifest["kernel_version"]
-    assert (qemu_build.out_dir / "vmlinuz").read_bytes() == qemu_image.read(f"/boot/vmlinuz-{kv}")
-    assert (qemu_build.out_dir / "initrd.img").read_bytes() == qemu_image.read(f"/boot/initrd.img-{kv}")
-    assert qemu_build.manifest["kernel_cmdline"].startswith("root=/dev/vda1 rw")
-    assert "console=ttyAMA0" in qemu_build.manifest["kernel_cmdline"]
+def test_qemu_boots_through_u_boot_and_extlinux(qemu_image: Image, qemu_build: BuildResult) -> None:
+    m = qemu_build.manifest
+    kv = m["kernel_version"]
+    # U-Boot for QEMU's virt machine, from the suite's u-boot-qemu: next to the image, not in it.
+    firmware = qemu_build.out_dir / "u-boot.bin"
+    assert m["files"]["firmware"] == "u-boot.bin" and "kernel" not in m["files"]
+    assert m["firmware"]["package"] == "u-boot-qemu" and m["firmware"]["version"]
+    assert hashlib.sha256(firmware.read_bytes()).hexdigest() == m["firmware"]["sha256"]
+    assert b"U-Boot 20" in firmware.read_bytes() and m["disk"]["bootloader"] is None
+    # The disk's extlinux.conf names files that are on the disk, with the manifest's command line.
+    ext = qemu_image.read("/boot/extlinux/extlinux.conf").decode()
+    assert f"kernel /boot/vmlinuz-{kv}\n" in ext and f"initrd /boot/initrd.img-{kv}\n" in ext
+    assert f"append {m['kernel_cmdline']}\n" in ext and "fdt" not in ext.split("label armory")[1]
+    for path in (f"/boot/vmlinuz-{kv}", f"/boot/initrd.img-{kv}"):
+        st = qemu_image.stat(path)
+        assert st is not None and st.kind == "regular" and st.size > 0, path
+    assert m["kernel_cmdline"].startswith(f"root=PARTUUID={m['disk']['partuuid']} rw")
+    assert "console=ttyAMA0" in m["kernel_cmdline"]
     link = qemu_image.read("/etc/systemd/network/10-usb0.link").decode()
     assert "Driver=virtio_net" in link and "Name=usb0" in link
 
@@ -350,10 +362,21 @@ def test_bootloader_too_large(tmp_path: Path, ssh_key: Path, board: str, size: i
 
 
 def test_mk2_without_bootloader_names_the_flag(tmp_path: Path, ssh_key: Path) -> None:
-    out = tmp_path / "out"
-    _one_line_error(_invoke("--board", "mk2", "--output", str(out), "--ssh-key", str(ssh_key)),
-                    "--bootloader")
+    """No --bootloader and no --uboot-patch, nothing cached, GitHub unreachable (enforced: a network
+    namespace without a network): one line naming both ways out, within seconds, before the rootfs."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    runtime = tmp_path / "runtime.yaml"  # invoke -f: a fresh cache, so no U-Boot or patch is cached
+    runtime.write_text(f"armory:\n  cache_dir: {cache}\n")
+    started = time.monotonic()
+    result = subprocess.run(["unshare", "--net", *INVOKE, "-f", str(runtime), "build-image", "--board", "mk2",
+                             "--output", str(out), "--ssh-key", str(ssh_key)],
+                            cwd=REPO, capture_output=True, text=True, check=False, timeout=300)
+    _one_line_error(result, "cannot download the Mk II U-Boot patch", "--uboot-patch FILE",
+                    "--bootloader FILE")
+    assert time.monotonic() - started < 60
+    assert "root filesystem" not in result.stdout, result.stdout
     _nothing_in(out)
+    assert not [p for p in cache.rglob("*") if p.is_file()]
 
 
 def test_unwritable_output_dir(tmp_path: Path, ssh_key: Path) -> None:

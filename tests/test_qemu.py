@@ -1,8 +1,10 @@
 """QemuGuest without a built image: what it refuses, the command it runs, and its lifecycle in a real QEMU.
 
-The full boot of the real image is tests/test_system.py (slow). Here QEMU runs a kernel of zeros: enough to
+The full boot of the real image is tests/test_system.py (slow). Here QEMU runs firmware of zeros: enough to
 prove the forwards are bound to loopback only, the built image stays untouched, a guest that never answers
-is reported with its console log, and the process is always gone afterwards.
+is reported with its console log, and the process is always gone afterwards. Debian's real U-Boot for
+qemu_arm then boots small disks that cannot boot, to show each failure is read off the console in seconds.
+The same with the real image and a broken extlinux.conf is in tests/test_system.py.
 """
 
 from __future__ import annotations
@@ -28,11 +30,9 @@ def _fake_build(root: Path, board: str = "qemu") -> Path:
     image = out / "clef-armory-qemu-trixie.img"
     with image.open("wb") as f:
         f.truncate(16 << 20)
-    (out / "vmlinuz").write_bytes(bytes(4096))  # zeros: the CPU runs harmless no-ops
-    (out / "initrd.img").write_bytes(bytes(512))
+    (out / "u-boot.bin").write_bytes(bytes(4096))  # zeros: the CPU runs harmless no-ops, prints nothing
     (out / "known_hosts").write_text(f"10.0.0.1 {KEY}\n")
-    manifest = {"board": board, "kernel_cmdline": "root=/dev/vda1 rw rootwait console=ttyAMA0",
-                "files": {"kernel": "vmlinuz", "initrd": "initrd.img"},
+    manifest = {"board": board, "files": {"image": image.name, "firmware": "u-boot.bin"},
                 "config": {"authorized_key": KEY + " test"}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return image
@@ -46,8 +46,7 @@ def test_find_image_reads_the_manifest(tmp_path: Path) -> None:
     image = _fake_build(tmp_path)
     found = qemu.find_image(_settings(tmp_path))
     assert found.image == image.resolve()
-    assert found.kernel.name == "vmlinuz" and found.initrd.name == "initrd.img"
-    assert found.cmdline.startswith("root=/dev/vda1")
+    assert found.firmware == image.parent / "u-boot.bin"
     assert found.authorized_key == KEY + " test"
 
 
@@ -56,7 +55,7 @@ def test_find_image_reads_the_manifest(tmp_path: Path) -> None:
     [
         (lambda out: [p.unlink() for p in out.glob("*.img")], "no image in"),
         (lambda out: (out / "manifest.json").unlink(), "no manifest.json"),
-        (lambda out: (out / "vmlinuz").unlink(), "kernel"),
+        (lambda out: (out / "u-boot.bin").unlink(), "U-Boot firmware"),
         (lambda out: (out / "known_hosts").unlink(), "known_hosts"),
         (lambda out: (out / "manifest.json").write_text("{not json"), "cannot read"),
     ],
@@ -74,6 +73,66 @@ def test_find_image_refuses_another_boards_image(tmp_path: Path) -> None:
         qemu.find_image(_settings(tmp_path), image)
 
 
+def test_find_image_refuses_a_build_without_u_boot(tmp_path: Path) -> None:
+    image = _fake_build(tmp_path)
+    manifest = json.loads((image.parent / "manifest.json").read_text())
+    manifest["files"] = {"image": image.name, "kernel": "vmlinuz", "initrd": "initrd.img"}  # before U-Boot
+    (image.parent / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(QemuError, match=r"built without U-Boot.*rebuild"):
+        qemu.find_image(_settings(tmp_path), image)
+
+
+# Console excerpts as Debian's U-Boot 2025.01 (qemu_arm), Linux and initramfs-tools print them.
+UBOOT_OK = """Hit any key to stop autoboot:  0
+Scanning for bootflows in all bootdevs
+** Booting bootflow '<NULL>' with efi_mgr
+Loading Boot0000 'virtio 0' failed
+EFI boot manager: Cannot load any image
+Boot failed (err=-14)
+Scanning bootdev 'virtio-blk#31.bootdev':
+  1  extlinux     ready   virtio       1  virtio-blk#31.bootdev.par /boot/extlinux/extlinux.conf
+** Booting bootflow 'virtio-blk#31.bootdev.part_1' with extlinux
+Retrieving file: /boot/vmlinuz-6.12.57+deb13-armmp
+"""
+NO_KERNEL = """Retrieving file: /boot/vmlinuz-wrong
+Skipping armory for failure retrieving kernel
+Boot failed (err=-14)
+BOOTP broadcast 1
+"""
+
+
+@pytest.mark.parametrize(
+    ("console", "expected"),
+    [
+        (UBOOT_OK, None),
+        (UBOOT_OK + "Retrieving file: /boot/initrd.img-6.12.57+deb13-armmp\n"
+         "## Flattened Device Tree blob at 5ed3c2b0\nStarting kernel ...\n\n[    0.000000] Booting Linux\n"
+         "Begin: Running /scripts/local-premount ... done.\n", None),
+        (UBOOT_OK + NO_KERNEL,
+         "U-Boot could not load the kernel /boot/vmlinuz-wrong that /boot/extlinux/extlinux.conf names"),
+        ("Scanning bootdev 'virtio-blk#31.bootdev':\nBOOTP broadcast 1\nDHCP client bound to 10.0.0.15\n",
+         "fell back to network boot"),
+        ("Hit any key to stop autoboot:  0\nNo more bootdevs\n=> ", "stopped at its prompt"),
+        ("Starting kernel ...\n[   41.2] Kernel panic - not syncing: VFS: Unable to mount root fs on\n",
+         "the kernel panicked ('Kernel panic - not syncing: VFS: Unable to mount root fs on')"),
+        ("Starting kernel ...\nALERT!  PARTUUID=0123abcd-01 does not exist.  Dropping to a shell!\n",
+         "the initramfs could not mount the root filesystem"),
+        ("Starting kernel ...\nBusyBox v1.37.0 (Debian 1:1.37.0-6+b3) built-in shell (ash)\n(initramfs) ",
+         "the initramfs dropped to a shell"),
+        ("Starting kernel ...\nYou are in emergency mode. After logging in, type \"journalctl -xb\"\n",
+         "systemd gave up"),
+        # What U-Boot printed before the kernel started does not count against the kernel's boot.
+        (NO_KERNEL.replace("wrong", "x") + "=> boot\nStarting kernel ...\n[    0.0] Booting Linux\n", None),
+    ],
+)
+def test_boot_failures_are_read_off_the_console(console: str, expected: str | None) -> None:
+    found = qemu.boot_failure(console)
+    if expected is None:
+        assert found is None
+    else:
+        assert found is not None and expected in found and "\n" not in found
+
+
 def test_bad_sizes_are_refused(tmp_path: Path) -> None:
     image = qemu.find_image(_settings(tmp_path), _fake_build(tmp_path))
     with pytest.raises(QemuError, match="memory"):
@@ -88,8 +147,11 @@ def test_command_forwards_only_loopback_to_the_device_addresses(tmp_path: Path) 
     guest.ssh_port, guest.agent_port = 40022, 48550
     guest.workdir = tmp_path / "run"
     guest.overlay = tmp_path / "run" / "disk.qcow2"
-    guest._files = {"vmlinuz": image.kernel, "initrd.img": image.initrd}
+    guest._files = {"u-boot.bin": image.firmware}
     command = " ".join(guest._command())
+    # U-Boot boots the disk's extlinux.conf; no kernel from outside the image; a reset ends QEMU.
+    assert f"-bios {image.firmware}" in command and "-no-reboot" in command
+    assert "-kernel" not in command and "-initrd" not in command and "-append" not in command
     assert "hostfwd=tcp:127.0.0.1:40022-10.0.0.1:22" in command
     assert "hostfwd=tcp:127.0.0.1:48550-10.0.0.1:8550" in command
     assert "net=10.0.0.0/24,host=10.0.0.2,restrict=on" in command
@@ -137,3 +199,69 @@ def test_state_file_must_belong_to_the_image(tmp_path: Path) -> None:
     guest = qemu.QemuGuest(image, state=other, boot_timeout=5)
     with pytest.raises(QemuError, match="belongs to another image"), guest:
         pass
+
+
+# -- Debian's real U-Boot on disks that cannot boot -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_u_boot(settings: config.Settings) -> Path:
+    """The qemu board's firmware exactly as the build takes it (the suite's u-boot-qemu, cached)."""
+    from image import boards, debs
+
+    spec = boards.QEMU.firmware
+    assert spec is not None
+    path, _ = debs.cached_member(spec.deb_package, spec.deb_path, mirror=settings.mirror,
+                                 suite=settings.suite, cache_dir=settings.cache_path, log=lambda _: None)
+    return path
+
+
+def _unbootable_build(root: Path, u_boot: Path, files: dict[str, str]) -> Path:
+    """A fake qemu build with the real U-Boot and a disk laid out like ours (ext4 from 5 MiB) with `files`."""
+    import shutil
+    import subprocess
+
+    image = _fake_build(root)
+    shutil.copyfile(u_boot, image.parent / "u-boot.bin")
+    tree = root / "tree"
+    for name, text in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+    tree.mkdir(exist_ok=True)
+    subprocess.run(["sfdisk", "-q", str(image)], input="label: dos\nunit: sectors\n\nstart=10240, type=83\n",
+                   text=True, check=True)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-E", f"offset={5 << 20}", "-d", str(tree),
+                    str(image), "11M"], check=True)
+    return image
+
+
+WRONG_KERNEL = """default armory
+timeout 1
+
+label armory
+\tkernel /boot/vmlinuz-wrong
+\tinitrd /boot/initrd.img-wrong
+\tappend root=/dev/vda1 rw console=ttyAMA0
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"boot/extlinux/extlinux.conf": WRONG_KERNEL},
+         "boot failed after .* U-Boot could not load the kernel /boot/vmlinuz-wrong"),
+        ({"etc/hostname": "armory\n"}, "boot failed after .* fell back to network boot"),
+    ],
+)
+def test_u_boot_failures_stop_the_guest_in_seconds(tmp_path: Path, real_u_boot: Path,
+                                                   files: dict[str, str], message: str) -> None:
+    image = qemu.find_image(_settings(tmp_path), _unbootable_build(tmp_path, real_u_boot, files))
+    guest = qemu.QemuGuest(image, boot_timeout=300, stop_timeout=5, log=lambda _: None)
+    t0 = time.monotonic()
+    with pytest.raises(QemuError, match=message) as err, guest:
+        pass
+    took = time.monotonic() - t0
+    assert took < 60, f"took {took:.0f} s"  # the watch, not the 300 s timeout (about 5 s here)
+    assert "\n" not in str(err.value) and str(guest.console_log) in str(err.value)
+    assert guest.proc is None and guest.console_log.exists()

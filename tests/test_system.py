@@ -4,7 +4,8 @@ build (or reuse) the qemu image -> boot it in qemu-system-arm -> provision over 
 pinned host key -> the checks pass -> through the forwarded agent port: list accounts, sign a text
 message and an EIP-1559 transaction, recover both to the provisioned address with eth-account ->
 power-cycle -> signing is refused while locked -> unlock -> signing works again -> a foreign Host
-and a foreign Origin are refused.
+and a foreign Origin are refused. The guest boots like a USB armory: U-Boot reads the disk's
+extlinux.conf; a copy of the image with a broken one must fail at once, with the reason.
 
 Slow (software emulation): minutes. Timings of every phase are written to
 build/system-test/timings.json and printed (see docs/architecture.md for the measured numbers).
@@ -12,8 +13,10 @@ build/system-test/timings.json and printed (see docs/architecture.md for the mea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import secrets
 import subprocess
 import time
@@ -235,6 +238,54 @@ def _recover_text(text: str, signature: str) -> str:
     from eth_account.messages import encode_defunct
 
     return str(Account.recover_message(encode_defunct(text=text), signature=signature)).lower()
+
+
+def _break_extlinux(image: Path, workdir: Path) -> str:
+    """Point extlinux.conf's kernel line at a file that does not exist (debugfs -w, no mount)."""
+    from image.boards import PARTITION_START
+    from image.inspect import Image
+
+    path = "/boot/extlinux/extlinux.conf"
+    text = Image(image).read(path).decode()
+    broken = text.replace("kernel /boot/vmlinuz-", "kernel /boot/vmlinuz-missing-")
+    assert broken != text, text
+    local = workdir / "extlinux.conf"
+    local.write_text(broken)
+    script = workdir / "break.debugfs"
+    script.write_text(f"cd /boot/extlinux\nrm extlinux.conf\nwrite {local} extlinux.conf\n")
+    subprocess.run(["debugfs", "-w", "-f", str(script), f"{image}?offset={PARTITION_START}"],
+                   check=True, capture_output=True)
+    assert Image(image).read(path).decode() == broken
+    return next(line.split()[1] for line in broken.splitlines() if line.strip().startswith("kernel "))
+
+
+def test_broken_extlinux_fails_fast(built: tuple[qemu.GuestImage, Path], tmp_path: Path,
+                                    timings: Timings) -> None:
+    """The disk's extlinux.conf is what boots the guest: break it and the boot stops at once, saying why.
+
+    Runs first, before the module's guest is booted, on a sparse copy of the same built image.
+    """
+    image, _ = built
+    copy = tmp_path / image.image.name
+    subprocess.run(["cp", "--sparse=always", str(image.image), str(copy)], check=True)
+    kernel = _break_extlinux(copy, tmp_path)
+    guest = qemu.QemuGuest(dataclasses.replace(image, image=copy), boot_timeout=READY_TIMEOUT,
+                           stop_timeout=10)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(QemuError) as err, guest:
+            pass
+    finally:
+        copy.unlink()  # 300 MB of real blocks
+    took = time.monotonic() - t0
+    timings.add("broken_extlinux_to_error", took)
+    message = str(err.value)
+    print(f"[system] broken extlinux.conf: {message}")
+    assert "\n" not in message
+    assert re.match(r"boot failed after \d+ s: ", message), message
+    assert f"U-Boot could not load the kernel {kernel} that /boot/extlinux/extlinux.conf names" in message
+    assert took < 120, f"the failure took {took:.0f} s to be reported"  # about 5 s; the timeout is 900 s
+    assert guest.proc is None
 
 
 def test_check_passes(guest: qemu.QemuGuest, built: tuple[qemu.GuestImage, Path], provisioned: str,
