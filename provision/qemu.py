@@ -507,8 +507,9 @@ _KERNEL_FAILURES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"Gave up waiting for root file system device.*$", re.M),
      "the initramfs could not find the root filesystem"),
     (re.compile(r"^\(initramfs\).*$", re.M), "the initramfs dropped to a shell"),
-    (re.compile(r"(You are in emergency mode|Cannot open access to console, the root account is locked).*$",
-                re.M), "systemd gave up and entered emergency mode"),
+    (re.compile(r"(You are in emergency mode|Cannot open access to console, the root account is locked"
+                r"|Give root password for maintenance).*$", re.M),
+     "systemd gave up and entered emergency mode"),
 )
 
 
@@ -530,11 +531,17 @@ def boot_failure(console: str) -> str | None:
             item = f"{item} {files[-1]}"
         line = m.group(0).strip()
         return what.format(item=item) + (f" ({line!r})" if line else "")
-    for pattern, what in _KERNEL_FAILURES:
-        m = pattern.search(linux)
-        if m is not None:
-            return f"{what} ({m.group(0).strip()!r})"
-    return None
+    return linux_failure(linux)
+
+
+def linux_failure(console: str) -> str | None:
+    """Why Linux on this console can no longer come up (a panic, the initramfs or systemd giving up),
+    or None. Also what the Mk II emulation test watches for (it boots without U-Boot)."""
+    found = [(m, what) for pattern, what in _KERNEL_FAILURES if (m := pattern.search(console))]
+    if not found:
+        return None
+    m, what = min(found, key=lambda f: f[0].start())
+    return f"{what} ({m.group(0).strip()!r})"
 
 
 class _PortTaken(Exception):

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from image.inspect import Image
+from provision import qemu
 
 MACHINE = "mcimx6ul-evk"
 MEMORY_MIB = 512  # the Mk II's DDR3
@@ -55,18 +56,6 @@ UNMODELLED_OOPS: dict[str, Unmodelled] = {
     ),
 }
 
-
-# Lines that mean the boot has failed for good: the watch stops at the first one (no waiting for a
-# timeout). Substring -> what it means.
-FAILURE_SIGNS: dict[str, str] = {
-    "Kernel panic - not syncing": "kernel panic",
-    "ALERT!": "the initramfs gave up on the root device",
-    "Gave up waiting for root": "the initramfs gave up on the root device",
-    "(initramfs)": "the initramfs dropped to its shell",
-    "emergency mode": "systemd entered emergency mode",
-    "Cannot open access to console": "systemd's rescue shell refused (root is locked)",
-    "Give root password for maintenance": "systemd's rescue shell",
-}
 
 # Observability only: status lines, unit names and the journal (the agent's own log) on the
 # console. root=, console= and everything else come from the image's extlinux.conf.
@@ -196,7 +185,7 @@ class Watch:
     """What a boot showed: when each awaited line first appeared, and the first failure sign."""
 
     seen: dict[str, float] = dataclasses.field(default_factory=dict)  # marker -> seconds since start
-    failure: str | None = None  # the FAILURE_SIGNS key that appeared first
+    failure: str | None = None  # provision.qemu.linux_failure's line for the first failure seen
     failure_at: float | None = None
     exited: int | None = None  # QEMU's exit status, when it stopped by itself
     timed_out: bool = False
@@ -276,9 +265,9 @@ class Mk2Guest:
                 if marker not in result.seen and marker in text:
                     result.seen[marker] = now - self.started
             if result.failure is None:
-                hits = [(text.find(sign), sign) for sign in FAILURE_SIGNS if sign in text]
-                if hits:
-                    result.failure = min(hits)[1]
+                failure = qemu.linux_failure(text)
+                if failure is not None:
+                    result.failure = failure
                     result.failure_at = now - self.started
                     stop_at = now + 5.0
             if stop_at is None and len(result.seen) == len(markers):

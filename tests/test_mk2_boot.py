@@ -161,7 +161,8 @@ def test_disabled_sd_controller_fails_on_the_console(boot: emu.BootFiles, mk2_bu
         watch = guest.watch([MULTI_USER], timeout=BROKEN_BOOT_TIMEOUT)
         report = _report(guest, watch)
     assert not watch.timed_out and watch.failure is not None, report
-    assert emu.FAILURE_SIGNS[watch.failure] == "the initramfs gave up on the root device", report
+    assert watch.failure.startswith(("the initramfs could not find the root filesystem",
+                                     "the initramfs could not mount the root filesystem")), report
     assert MULTI_USER not in watch.seen and ROOT_MOUNTED not in guest.console(), report
     print(f"\nmk2 on {emu.MACHINE} without uSDHC1 ({node}): failure seen after {watch.failure_at:.0f} s "
           f"({watch.failure!r})")
