@@ -6,10 +6,25 @@ Errors from the library are one line (``--debug`` shows the traceback).
 
 from __future__ import annotations
 
+from typing import Any
+
 from invoke.context import Context
 from invoke.tasks import task
 
 from clef_armory.cli import settings_from, user_errors
+from clef_armory.config import Settings
+
+
+def _settings_for_build(c: Context, board: str | None, say: bool = True, **overrides: object) -> Settings:
+    """Settings whose board is --board, else the newest build's (and, if ``say``, a line on stderr)."""
+    import sys
+
+    from image import builds
+
+    choice = builds.choose(settings_from(c, **overrides), board)
+    if choice.note and say:
+        print(choice.note, file=sys.stderr)
+    return choice.settings
 
 
 @task(
@@ -84,7 +99,7 @@ def build_image(c: Context, board: str | None = None, suite: str | None = None,
         "force": "Allow a disk whose transport is not USB or MMC (e.g. an internal or loop disk).",
         "emmc": "Mk II internal eMMC: guide through USB boot mode and expose it with armory-ums.",
         "ums_image": "armory-ums.imx for --emmc; default: <cache_dir>/armory-ums/armory-ums.imx.",
-        "board": "Board whose newest image to use when --image is not given (default: invoke.yaml).",
+        "board": "Board whose newest image to use when --image is not given (default: the newest build).",
     }
 )
 @user_errors
@@ -97,7 +112,7 @@ def flash(c: Context, device: str = "", image: str = "", bmap: str = "", to_file
     from image import flash as flashing
     from image.bmap import human_size
 
-    settings = settings_from(c, board=board)
+    settings = _settings_for_build(c, board)
     if emmc:
         if device or to_file:
             from clef_armory.errors import ConfigError
@@ -118,6 +133,15 @@ def flash(c: Context, device: str = "", image: str = "", bmap: str = "", to_file
         print("slide the boot switch toward the eMMC to boot from it")
 
 
+def _session(c: Context, board: str | None, host: str, port: int, user: str, identity: str,
+             known_hosts: str) -> Any:
+    """The SSH session of unlock, check and status; the host key pinned by the chosen build."""
+    from provision import commands
+
+    settings = _settings_for_build(c, board, not known_hosts)
+    return commands.session_for(settings, host, port, user, identity, known_hosts)
+
+
 _SSH_HELP = {
     "host": "Device address over the USB link (10.0.0.1).",
     "port": "SSH port on the device.",
@@ -127,6 +151,7 @@ _SSH_HELP = {
     "known_hosts": "known_hosts pinning the device's host key (default: build/<board>/known_hosts).",
     "password_file": "Read passwords once from this 0600 file ('master: ...', 'account: ...').",
     "json": "Print JSON for scripts instead of a table.",
+    "board": "Which build/<board>/ pins the host key (default: the newest build in build/).",
 }
 
 
@@ -147,7 +172,7 @@ _SSH_HELP = {
 def provision(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
               known_hosts: str = "", accounts: int = 1, import_keystore: str = "", rules: str = "",
               policy: str = "", chain_id: int | None = None, password_file: str = "",
-              checks: bool = True, json: bool = False, yes: bool = False) -> None:
+              checks: bool = True, json: bool = False, yes: bool = False, board: str | None = None) -> None:
     """Set Clef up on the device over SSH (seed, accounts, rules, agent), then check it."""
     import sys
     from pathlib import Path
@@ -156,7 +181,7 @@ def provision(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "a
     from provision import commands, report
     from provision.secrets import Passwords
 
-    settings = settings_from(c, chain_id=chain_id)
+    settings = _settings_for_build(c, board, not known_hosts, chain_id=chain_id)
     inputs = commands.ProvisionInputs(
         accounts=accounts, import_keystore=Path(import_keystore) if import_keystore else None,
         rules_file=Path(rules) if rules else None, policy_file=Path(policy) if policy else None,
@@ -176,7 +201,8 @@ def provision(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "a
 @task(auto_shortflags=False, help={**_SSH_HELP})
 @user_errors
 def unlock(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
-           known_hosts: str = "", password_file: str = "", json: bool = False) -> None:
+           known_hosts: str = "", password_file: str = "", json: bool = False,
+           board: str | None = None) -> None:
     """Give the agent the master password after a boot and wait until it is ready."""
     import json as jsonlib
     from pathlib import Path
@@ -184,7 +210,7 @@ def unlock(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armo
     from provision import commands
     from provision.secrets import Passwords
 
-    session = commands.session_for(settings_from(c), host, port, user, identity, known_hosts)
+    session = _session(c, board, host, port, user, identity, known_hosts)
     health = commands.unlock(session, Passwords(Path(password_file) if password_file else None))
     print(jsonlib.dumps(health) if json else f"agent {health.get('state')} (Clef {health.get('clef')})")
 
@@ -194,7 +220,7 @@ def unlock(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armo
 @user_errors
 def check(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
           known_hosts: str = "", password_file: str = "", search_passwords: bool = True,
-          json: bool = False) -> None:
+          json: bool = False, board: str | None = None) -> None:
     """Run the key-handling checks alone; non-zero exit if any fails."""
     from pathlib import Path
 
@@ -202,7 +228,7 @@ def check(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armor
     from provision import commands, report
     from provision.secrets import Passwords
 
-    session = commands.session_for(settings_from(c), host, port, user, identity, known_hosts)
+    session = _session(c, board, host, port, user, identity, known_hosts)
     passwords = Passwords(Path(password_file) if password_file else None) if search_passwords else None
     results = commands.check(session, passwords)
     print(report.as_json(results=results) if json else report.checks_table(results))
@@ -213,24 +239,15 @@ def check(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armor
 @task(auto_shortflags=False, help={k: v for k, v in _SSH_HELP.items() if k != "password_file"})
 @user_errors
 def status(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
-           known_hosts: str = "", json: bool = False) -> None:
+           known_hosts: str = "", json: bool = False, board: str | None = None) -> None:
     """Show what is set up on the device and whether the agent is ready."""
     import json as jsonlib
 
-    from provision import commands
+    from provision import commands, report
 
-    session = commands.session_for(settings_from(c), host, port, user, identity, known_hosts)
+    session = _session(c, board, host, port, user, identity, known_hosts)
     st = commands.status(session)
-    if json:
-        print(jsonlib.dumps(st, indent=2))
-        return
-    dev, agent = st["device"], st["agent"] or {}
-    print(f"master seed  {'present' if dev['masterseed'] else 'absent'}")
-    print(f"accounts     {', '.join(a['address'] for a in dev['accounts']) or 'none'}")
-    installed, attested = (dev["rules_sha256"] or "none")[:16], (dev["rules_record"] or "none")[:16]
-    print(f"rules        {installed} (attested {attested})")
-    print(f"agent        {agent.get('state', 'not answering')}, rules {agent.get('rules', '?')}")
-    print(f"link health  {st['health']}")
+    print(jsonlib.dumps(st, indent=2) if json else report.status_text(st))
 
 
 @task(

@@ -36,3 +36,33 @@ def as_json(steps: Sequence[Step] = (), results: Sequence[CheckResult] = (), **e
         doc["checks"] = [dataclasses.asdict(r) for r in results]
         doc["ok"] = all(r.ok for r in results)
     return json.dumps(doc, indent=2)
+
+
+def agent_line(device: dict[str, Any], agent: dict[str, Any] | None) -> str:
+    """The agent's state in words: "not provisioned" rather than Clef's error about a missing seed, and
+    the reason whenever the agent reports one."""
+    if agent is None:
+        return "not answering (is clef-armory-agent.service running? see docs/troubleshooting.md)"
+    state = str(agent.get("state", "?"))
+    if not device.get("masterseed"):
+        return "not provisioned (no master seed yet): run ./do provision"
+    line = f"{state}, rules {agent.get('rules', '?')}"
+    detail = agent.get("detail")
+    if state == "error" and detail:
+        line += f": {detail}"
+    elif state == "locked":
+        line += " (run ./do unlock)"
+    return line
+
+
+def status_text(status: dict[str, Any]) -> str:
+    """What ``invoke status`` prints for a person (``--json`` prints ``status`` itself)."""
+    dev = status["device"]
+    installed, attested = (dev["rules_sha256"] or "none")[:16], (dev["rules_record"] or "none")[:16]
+    return "\n".join([
+        f"master seed  {'present' if dev['masterseed'] else 'absent'}",
+        f"accounts     {', '.join(a['address'] for a in dev['accounts']) or 'none'}",
+        f"rules        {installed} (attested {attested})",
+        f"agent        {agent_line(dev, status['agent'])}",
+        f"link health  {status['health']}",
+    ])
