@@ -166,13 +166,16 @@ _SSH_HELP = {
         "chain_id": "Chain id for the policy's default and the agent (default: invoke.yaml).",
         "checks": "Run the key-handling checks at the end (default on).",
         "yes": "Attest new rules without asking (they are still shown).",
+        "account_password": "New accounts: 'words' (generated, shown once on the terminal, fast signing) "
+                            "or 'ask' (your own password, standard scrypt).",
     }
 )
 @user_errors
 def provision(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
               known_hosts: str = "", accounts: int = 1, import_keystore: str = "", rules: str = "",
               policy: str = "", chain_id: int | None = None, password_file: str = "",
-              checks: bool = True, json: bool = False, yes: bool = False, board: str | None = None) -> None:
+              checks: bool = True, json: bool = False, yes: bool = False, board: str | None = None,
+              account_password: str = "words") -> None:  # noqa: S107 - a mode, not a password
     """Set Clef up on the device over SSH (seed, accounts, rules, agent), then check it."""
     import sys
     from pathlib import Path
@@ -185,7 +188,7 @@ def provision(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "a
     inputs = commands.ProvisionInputs(
         accounts=accounts, import_keystore=Path(import_keystore) if import_keystore else None,
         rules_file=Path(rules) if rules else None, policy_file=Path(policy) if policy else None,
-        chain_id=settings.chain_id, run_checks=checks,
+        chain_id=settings.chain_id, run_checks=checks, account_password=account_password,
         confirm=None if yes or json or not sys.stdin.isatty()
         else lambda q: input(f"{q} [y/N] ").strip().lower() in ("y", "yes"))
     passwords = Passwords(Path(password_file) if password_file else None)

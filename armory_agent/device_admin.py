@@ -112,11 +112,17 @@ def _install_atomically(path: Path, data: bytes, mode: int, uid: int, gid: int) 
     _fsync_dir(path.parent)
 
 
-def _clef(layout: dict[str, Any], args: list[str], stdin: str, keystore: str | None = None) -> str:
-    """Run Clef as its service user with global flags first and the secrets on stdin."""
+def _clef(layout: dict[str, Any], args: list[str], stdin: str, keystore: str | None = None,
+          light_kdf: bool = False) -> str:
+    """Run Clef as its service user with global flags first and the secrets on stdin.
+
+    ``light_kdf`` is for `newaccount` with a generated (high-entropy) password only;
+    `init` never gets it on a device: the master seed is guarded by a human password.
+    ``layout["lightkdf"]`` is the test-only switch that makes everything cheap.
+    """
     argv = [*layout["as_clef_user"], layout["clef"], "--keystore", keystore or layout["keystore"],
             "--configdir", layout["configdir"], "--suppress-bootwarn"]
-    if layout["lightkdf"]:
+    if light_kdf or layout["lightkdf"]:
         argv.append("--lightkdf")
     argv += args
     try:
@@ -220,6 +226,9 @@ def cmd_init(req: dict[str, Any]) -> dict[str, Any]:
 def cmd_add_account(req: dict[str, Any]) -> dict[str, Any]:
     """Make one account ready to sign: key made (or imported) in staging, password stored, then moved in.
 
+    ``light_kdf``: the password was generated (128 bits), so the new key file uses
+    Clef's --lightkdf scrypt; an imported file keeps its own parameters.
+
     Only after `clef setpw` succeeded does the key file join the keystore, with a
     rename on the same filesystem: the keystore never holds an account whose
     password the rules cannot use.
@@ -241,7 +250,8 @@ def cmd_add_account(req: dict[str, Any]) -> dict[str, Any]:
             os.replace(tmp, staged)
         else:
             account = secrets["account"]
-            _clef(layout, ["newaccount"], f"{account}\n", keystore=str(staging))
+            _clef(layout, ["newaccount"], f"{account}\n", keystore=str(staging),
+                  light_kdf=req.get("light_kdf") is True)
             files = [f for f in staging.iterdir() if f.is_file() and _address_of(f)]
             if len(files) != 1:
                 raise AdminError(f"clef newaccount left {len(files)} key files in staging, expected 1")

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from clef_armory.errors import ConfigError
-from provision import agentconfig, checks, policy, rules, setup
+from provision import agentconfig, checks, policy, rules, setup, words
 from provision.device import Device
 from provision.layout import DEFAULT, DeviceLayout
 from provision.link import Link
 from provision.secrets import Passwords
 from provision.ssh import Connection, Target, connect
+from provision.words import Terminal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +48,14 @@ class ProvisionInputs:
     write_agent_config: bool = True
     run_checks: bool = True
     confirm: Callable[[str], bool] | None = None  # asked before new rules are attested
+    account_password: str = words.GENERATED  # new accounts: generated words (light scrypt) or "ask"
+    terminal: Callable[[], Terminal] | None = None  # where the words are shown; None: /dev/tty
 
     def __post_init__(self) -> None:
         if self.rules_file and self.policy_file:
             raise ConfigError("give --rules or --policy, not both")
+        if self.account_password not in words.MODES:
+            raise ConfigError("--account-password must be 'words' or 'ask'")
 
 
 def resolve_rules(inputs: ProvisionInputs) -> tuple[str | None, policy.Policy | None]:
@@ -78,6 +83,8 @@ def provision(
             agent_config=agent_config,
             link=session.link,
             confirm=inputs.confirm,
+            account_password=inputs.account_password,
+            terminal=inputs.terminal,
         )
         steps = setup.provision(device, passwords, options, say)
         results: list[checks.CheckResult] = []

@@ -95,6 +95,7 @@ class Passwords:
         self._file = password_file
         self._ask = ask
         self._cache: dict[str, Secret] = {}
+        self._generated: list[Secret] = []
 
     def get(self, kind: str, *, new: bool) -> Secret:
         """The ``kind`` password; when ``new`` it is typed twice and must match."""
@@ -113,6 +114,10 @@ class Passwords:
         self._cache[kind] = secret
         return secret
 
+    def add_generated(self, secret: Secret) -> None:
+        """A generated account password (provision.words): searched for like the others."""
+        self._generated.append(secret)
+
     def known(self) -> list[Secret]:
-        """Every password handed out so far (for the 'secret appears nowhere' check)."""
-        return list(self._cache.values())
+        """Every password handed out or generated so far (for the 'secret appears nowhere' check)."""
+        return [*self._cache.values(), *self._generated]

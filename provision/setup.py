@@ -17,9 +17,11 @@ from typing import Any
 
 from clef_armory.errors import ConfigError, ProvisionError
 from provision import rules as rules_mod
+from provision import words as words_mod
 from provision.device import Device
 from provision.link import Link
-from provision.secrets import Passwords
+from provision.secrets import Passwords, Secret
+from provision.words import Terminal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +43,16 @@ class Options:
     ready_timeout: float = 120.0
     # Asked after the new rules are shown and before anything changes; None: do not ask.
     confirm: Callable[[str], bool] | None = None
+    # New accounts: "words" (generated, shown once, --lightkdf) or "ask" (user-chosen, standard scrypt).
+    account_password: str = words_mod.GENERATED
+    # Where generated words are shown and typed back; None: the controlling terminal (/dev/tty).
+    terminal: Callable[[], Terminal] | None = None
 
     def __post_init__(self) -> None:
         if self.accounts < 0:
             raise ConfigError("--accounts must be 0 or more")
+        if self.account_password not in words_mod.MODES:
+            raise ConfigError("--account-password must be 'words' or 'ask'")
 
 
 def provision(
@@ -66,26 +74,36 @@ def provision(
         if options.confirm is not None and not options.confirm("attest these rules?"):
             raise ConfigError("cancelled before any change: the rules were not accepted")
 
-    # Master seed.
-    if state["masterseed"]:
-        master = passwords.get("master", new=False)
-        steps.append(Step("master seed", False, "exists"))
-    else:
-        master = passwords.get("master", new=True)
-        device.call("init", secrets={"master": master})
-        steps.append(Step("master seed", True, "created (clef init)"))
-
-    # Accounts: imported keystore first, then new ones up to the wanted count.
+    # Every secret is at hand before the first change: a mistyped word or password creates nothing.
     accounts = state["accounts"]
     have = {a["address"] for a in accounts}
     imported_text = _read_import(options.import_keystore) if options.import_keystore else None
     import_address = _keystore_address(imported_text) if imported_text else None
-    if imported_text is not None and import_address is not None and import_address not in have:
+    importing = imported_text is not None and import_address is not None and import_address not in have
+    missing_pw = [a["address"] for a in accounts if not a["credential"]]
+    to_create = max(0, options.accounts - len(have) - (1 if importing else 0))
+    generate = options.account_password == words_mod.GENERATED
+
+    master = passwords.get("master", new=not state["masterseed"])
+    account: Secret | None = None
+    if importing or missing_pw or (to_create and not generate):
+        account = passwords.get("account", new=to_create > 0 and not generate and not importing)
+    generated = _generate(to_create, options, passwords) if generate and to_create else []
+
+    # Master seed.
+    if state["masterseed"]:
+        steps.append(Step("master seed", False, "exists"))
+    else:
+        device.call("init", secrets={"master": master})
+        steps.append(Step("master seed", True, "created (clef init)"))
+
+    # Accounts: imported keystore first, then new ones up to the wanted count.
+    if importing:
+        assert account is not None
         say(
             "warning: importing a key that has existed off the device; "
             "anyone who had that file and its password can still sign"
         )
-        account = passwords.get("account", new=False)
         r = device.call(
             "add-account", secrets={"master": master, "account": account}, import_keystore=imported_text
         )
@@ -94,18 +112,20 @@ def provision(
     elif import_address is not None:
         steps.append(Step("import account", False, f"{import_address} already on the device"))
 
-    missing_pw = [a["address"] for a in accounts if not a["credential"]]
-    to_create = max(0, options.accounts - len(have))
-    if to_create or missing_pw:
-        account = passwords.get("account", new=to_create > 0)
-        for address in missing_pw:
-            device.call("setpw", secrets={"master": master, "account": account}, address=address)
-            steps.append(Step("store password", True, address))
-        for i in range(to_create):
-            say(f"creating account {i + 1} of {to_create} on the device ...")
-            r = device.call("add-account", secrets={"master": master, "account": account})
-            have.add(r["address"])
-            steps.append(Step("new account", bool(r["changed"]), r["address"]))
+    for address in missing_pw:
+        assert account is not None
+        device.call("setpw", secrets={"master": master, "account": account}, address=address)
+        steps.append(Step("store password", True, address))
+    for i in range(to_create):
+        say(f"creating account {i + 1} of {to_create} on the device ...")
+        secret = generated[i] if generate else account
+        assert secret is not None
+        started = time.monotonic()
+        r = device.call("add-account", secrets={"master": master, "account": secret}, light_kdf=generate)
+        have.add(r["address"])
+        kdf = f"word set {i + 1}, light scrypt" if generate else "standard scrypt"
+        say(f"account {r['address']} ({kdf}) ready in {time.monotonic() - started:.1f} s")
+        steps.append(Step("new account", bool(r["changed"]), r["address"]))
     steps.append(Step("accounts", False, f"{len(have)} on the device"))
 
     # Rules.
@@ -130,6 +150,21 @@ def provision(
     if options.link is not None:
         steps.extend(_agent_up(device, options, restart, master, say))
     return steps
+
+
+def _generate(count: int, options: Options, passwords: Passwords) -> list[Secret]:
+    """One generated password per new account, each shown once and confirmed on the terminal."""
+    term = options.terminal() if options.terminal is not None else words_mod.TtyTerminal()
+    try:
+        out = []
+        for i in range(count):
+            label = f"new account {i + 1} of {count} (word set {i + 1})"
+            secret = words_mod.new_account_password(term, label)
+            passwords.add_generated(secret)
+            out.append(secret)
+        return out
+    finally:
+        term.close()
 
 
 def _agent_up(device: Device, options: Options, restart: bool, master: Any,

@@ -7,6 +7,7 @@ are covered by the verdict tests in test_provision_units.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -24,6 +25,10 @@ from provision.checks import CheckResult
 from provision.commands import ProvisionInputs, Session
 from provision.secrets import Passwords, Secret
 from tests.sshd_helpers import DEVICE_IP, SSHD, DeviceEnv, device_env
+
+# These tests choose the account password (standard scrypt); tests/test_provision_words.py
+# covers the generated words.
+AskInputs = functools.partial(ProvisionInputs, account_password="ask")
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +71,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory, clef_binary: Path) -> Iterator
     policy.write_text(json.dumps({"recipients": ["0x" + "11" * 20], "allow_text_signing": True}))
     with device_env(work, clef_binary) as env:
         commands.provision(env.session(), Passwords(ask=lambda p: next(answers)),
-                           ProvisionInputs(policy_file=policy, write_agent_config=False, run_checks=False),
+                           AskInputs(policy_file=policy, write_agent_config=False, run_checks=False),
                            lambda _: None)
         yield Provisioned(env, master, account)
 

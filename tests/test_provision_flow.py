@@ -8,6 +8,7 @@ reached from a laptop namespace at 10.0.0.2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -28,6 +29,10 @@ from provision.device import Device
 from provision.secrets import Passwords
 from provision.setup import Step
 from tests.sshd_helpers import DeviceEnv, device_env
+
+# These tests choose the account password (standard scrypt); tests/test_provision_words.py
+# covers the generated words.
+AskInputs = functools.partial(ProvisionInputs, account_password="ask")
 
 pytestmark = pytest.mark.integration
 
@@ -174,7 +179,7 @@ def first_run(env: DeviceEnv, tmp_path_factory: pytest.TempPathFactory) -> First
     with ProcScanner([master, account]) as scanner:
         steps, results = commands.provision(
             session(env), passwords,
-            ProvisionInputs(accounts=2, policy_file=policy, write_agent_config=False), said.append)
+            AskInputs(accounts=2, policy_file=policy, write_agent_config=False), said.append)
     return FirstRun(master, account, passwords, policy, started, steps, results, said, scanner.hits,
                     scanner.scans)
 
@@ -207,7 +212,7 @@ def test_provision_then_again_changes_nothing_then_check_unlock_status(
     # Second run: nothing to do, and it says so.
     steps2, results2 = commands.provision(
         session(env), run.passwords,
-        ProvisionInputs(accounts=2, policy_file=run.policy, write_agent_config=False), lambda _: None)
+        AskInputs(accounts=2, policy_file=run.policy, write_agent_config=False), lambda _: None)
     assert not any(s.changed for s in steps2), steps2
     assert "nothing changed" in report.steps_table(steps2)
     assert json.loads(report.as_json(steps2, results2))["changed"] is False
@@ -236,13 +241,13 @@ def test_changed_policy_rerenders_reattests_restarts(
     shown: list[str] = []
     with pytest.raises(ConfigError, match="cancelled before any change"):
         commands.provision(session(env), Passwords(ask=lambda p: first_run.master),
-                           ProvisionInputs(accounts=3, policy_file=policy, write_agent_config=False,
+                           AskInputs(accounts=3, policy_file=policy, write_agent_config=False,
                                            confirm=lambda q: False), shown.append)
     assert any("rules to be attested" in line and "20000000000000000" in line for line in shown)
     assert _state(env) == before  # declined: no account created, rules untouched
     steps, results = commands.provision(
         session(env), Passwords(ask=lambda p: first_run.master),
-        ProvisionInputs(accounts=0, policy_file=policy, write_agent_config=False), lambda _: None)
+        AskInputs(accounts=0, policy_file=policy, write_agent_config=False), lambda _: None)
     assert {s.name for s in steps if s.changed} == {"rules", "agent restart", "agent unlock"}
     by_name = {r.name: r for r in results}
     assert by_name["rules-enabled"].ok and by_name["rules-attested"].ok
@@ -260,7 +265,7 @@ def test_import_keystore_signs_through_the_link(
     keyfile = tmp_path / "import.json"
     keyfile.write_text(json.dumps(Account.encrypt(acct.key, key_password, kdf="pbkdf2", iterations=1000)))
     said: list[str] = []
-    inputs = ProvisionInputs(accounts=0, import_keystore=keyfile, policy_file=first_run.policy,
+    inputs = AskInputs(accounts=0, import_keystore=keyfile, policy_file=first_run.policy,
                              write_agent_config=False, run_checks=False)
     ask = {"master": first_run.master, "account": key_password}
     passwords = Passwords(ask=lambda p: ask["master" if "master" in p else "account"])
@@ -286,7 +291,7 @@ def test_wrong_master_password_leaves_no_half_created_account(
     wrong = Passwords(ask=lambda p: "wrong-master-pw" if "master" in p else "A-" + "x" * 12)
     with pytest.raises(ProvisionError, match="master password is wrong"):
         commands.provision(session(env), wrong,
-                           ProvisionInputs(accounts=len(before["accounts"]) + 1, write_agent_config=False),
+                           AskInputs(accounts=len(before["accounts"]) + 1, write_agent_config=False),
                            lambda _: None)
     after = _state(env)
     assert after["accounts"] == before["accounts"]
@@ -306,7 +311,7 @@ def test_interrupted_runs_can_be_rerun_to_completion(tmp_path: Path, clef_binary
     """Drop the SSH connection at several points (between steps and in the middle of one)."""
     _, _, passwords = new_passwords()
     policy = write_policy(tmp_path / "policy.yaml")
-    inputs = ProvisionInputs(accounts=3, policy_file=policy, write_agent_config=False, run_checks=False)
+    inputs = AskInputs(accounts=3, policy_file=policy, write_agent_config=False, run_checks=False)
     with device_env(tmp_path / "w", clef_binary) as env:
         plan = [("init", 0.0), ("add-account", 0.15), ("add-account", 0.0), ("install-rules", 0.1),
                 ("restart-agent", 0.0)]
@@ -322,7 +327,7 @@ def test_interrupted_runs_can_be_rerun_to_completion(tmp_path: Path, clef_binary
         assert any(s.name == "agent unlock" for s in steps)
         again, results = commands.provision(
             session(env), passwords,
-            ProvisionInputs(accounts=3, policy_file=policy, write_agent_config=False), lambda _: None)
+            AskInputs(accounts=3, policy_file=policy, write_agent_config=False), lambda _: None)
         assert not any(s.changed for s in again), again
         assert_checks_pass(results)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -15,6 +16,10 @@ from provision import checks, commands
 from provision.commands import ProvisionInputs
 from provision.secrets import Passwords, Secret
 from tests.sshd_helpers import device_env, service_user
+
+# These tests choose the account password (standard scrypt); tests/test_provision_words.py
+# covers the generated words.
+AskInputs = functools.partial(ProvisionInputs, account_password="ask")
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +35,7 @@ def test_provision_as_service_user_owns_everything_and_catches_a_root_owned_key(
         with service_user() as user, device_env(work, clef_binary, user=user) as env:
             _, results = commands.provision(
                 env.session(), Passwords(ask=lambda p: next(answers)),
-                ProvisionInputs(accounts=1, policy_file=policy, write_agent_config=False), lambda _: None)
+                AskInputs(accounts=1, policy_file=policy, write_agent_config=False), lambda _: None)
             by_name = {r.name: r for r in results}
             for name in ("keystore", "masterseed", "vault", "rules-enabled", "link-sign", "listeners"):
                 assert by_name[name].ok, by_name[name]
