@@ -30,6 +30,7 @@ from clef_armory import config
 from clef_armory.errors import QemuError
 from provision import commands, qemu
 from provision.secrets import Passwords
+from tests.words_helpers import ScriptedTerminal
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
 
@@ -205,8 +206,13 @@ def provisioned(guest: qemu.QemuGuest, built: tuple[qemu.GuestImage, Path], pass
     clock = CallClock()
     # The checks run once, as `invoke check` (test_check_passes): under emulation their search of the
     # whole filesystem for the secrets takes minutes.
-    inputs = commands.ProvisionInputs(accounts=1, policy_file=policy, chain_id=CHAIN_ID, run_checks=False)
+    # The account password is generated (12 words, light scrypt: cheap signatures), as by default;
+    # there is no terminal here, so a scripted one plays the user who writes the words down.
+    terminal = ScriptedTerminal()
+    inputs = commands.ProvisionInputs(accounts=1, policy_file=policy, chain_id=CHAIN_ID, run_checks=False,
+                                      terminal=lambda: terminal)
     steps, _ = commands.provision(_session(guest, identity, clock), passwords, inputs)
+    assert len(terminal.written) == 1 and terminal.closed  # one word set shown, then the terminal let go
     end = time.monotonic()
     timings.add("provision_total", end - t0)
     for i, (name, took) in enumerate(clock.durations(end)):
