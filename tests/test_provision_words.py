@@ -53,6 +53,20 @@ def test_no_terminal_refuses_and_names_the_alternative(tmp_path: Path) -> None:
         words.TtyTerminal(str(tmp_path / "no-tty"))
 
 
+def test_without_a_controlling_terminal_the_real_dev_tty_refuses() -> None:
+    """A process in its own session (as under CI or a pipe from cron) has no /dev/tty to open."""
+    import subprocess
+    import sys
+
+    code = ("from provision import words\n"
+            "try:\n    words.TtyTerminal()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          start_new_session=True, stdin=subprocess.DEVNULL, check=False,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.stdout.startswith("ConfigError no terminal"), proc.stdout + proc.stderr
+    assert "--account-password ask" in proc.stdout
+
+
 def test_words_shown_once_and_two_typed_back() -> None:
     term = ScriptedTerminal()
     secret = words.new_account_password(term, "account 1")
