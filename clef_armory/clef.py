@@ -30,6 +30,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from clef_armory import openpgp
 from clef_armory.errors import ClefError, PrerequisiteError, VerificationError
 
 MODULE = "github.com/ethereum/go-ethereum/cmd/clef"
@@ -351,29 +352,22 @@ def verify_signature(archive: Path, signature: Path, keyring: Path, fingerprint:
     """Check a detached signature with gpg in a throw-away home holding only the pinned key."""
     if not shutil.which("gpg"):
         raise PrerequisiteError("gpg is not installed: apt-get install gnupg")
-    want = fingerprint.replace(" ", "").upper()
-    with tempfile.TemporaryDirectory(prefix="clef-gpg-") as home:
-        base = ["gpg", "--homedir", home, "--batch", "--no-tty", "--no-auto-key-retrieve"]
-        imp = subprocess.run([*base, "--import", str(keyring)], capture_output=True, check=False)
-        if imp.returncode != 0:
-            raise VerificationError(f"cannot import the pinned signing key {keyring}")
-        res = subprocess.run(
-            [*base, "--status-fd", "1", "--verify", str(signature), str(archive)],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-    valid = [ln.split() for ln in res.stdout.splitlines() if ln.startswith("[GNUPG:] VALIDSIG ")]
-    if res.returncode != 0 or not valid:
-        if "NO_PUBKEY" in res.stdout:
+    want = openpgp.normalize(fingerprint)
+    verdict = openpgp.verify_detached(archive, signature, keyring)
+    if not verdict.imported:
+        raise VerificationError(f"cannot import the pinned signing key {keyring}")
+    if verdict.returncode != 0 or verdict.primary_key is None:
+        if "NO_PUBKEY" in verdict.keywords:
             raise VerificationError(
                 f"{archive.name} is not signed by the pinned key {want} (signed by an unknown key)"
             )
-        if "BADSIG" in res.stdout:
+        if "BADSIG" in verdict.keywords:
             raise VerificationError(f"bad signature on {archive.name}: the archive was altered")
         raise VerificationError(f"cannot verify the signature of {archive.name}")
-    # VALIDSIG <sig fpr> ... <primary key fpr> is the last field.
-    primary = valid[0][-1].upper()
-    if primary != want and valid[0][2].upper() != want:
-        raise VerificationError(f"{archive.name} is signed by {primary}, not by the pinned {want}")
+    if not verdict.signed_by(want):
+        raise VerificationError(
+            f"{archive.name} is signed by {verdict.primary_key}, not by the pinned {want}"
+        )
 
 
 def _extract_clef(archive: Path, name: str, dest: Path) -> None:

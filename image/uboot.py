@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clef_armory import config
+from clef_armory import config, openpgp
 from clef_armory.clef import sha256_file
 from clef_armory.errors import BuildError, PrerequisiteError
 
@@ -269,20 +269,14 @@ def verify_signature(tarball: Path, signature: Path, key: Path, fingerprint: str
     """
     if shutil.which("gpg") is None:
         return "not checked: gpg is not installed (the sha256 is pinned)"
-    want = fingerprint.replace(" ", "").upper()
-    with tempfile.TemporaryDirectory(prefix="u-boot-gpg-") as home:
-        base = ["gpg", "--homedir", home, "--batch", "--no-tty", "--no-auto-key-retrieve"]
-        imp = subprocess.run([*base, "--import", str(key)], capture_output=True, check=False)
-        if imp.returncode != 0:
-            raise BuildError(f"cannot import the pinned U-Boot signing key {key}")
-        res = subprocess.run([*base, "--status-fd", "1", "--verify", str(signature), str(tarball)],
-                             capture_output=True, text=True, check=False)
-    status = [line.split() for line in res.stdout.splitlines() if line.startswith("[GNUPG:] ")]
-    kinds = {fields[1] for fields in status if len(fields) > 1}
-    valid = [fields for fields in status if len(fields) > 2 and fields[1] == "VALIDSIG"]
+    want = openpgp.normalize(fingerprint)
+    verdict = openpgp.verify_detached(tarball, signature, key)
+    if not verdict.imported:
+        raise BuildError(f"cannot import the pinned U-Boot signing key {key}")
+    kinds = verdict.keywords
     refused = kinds & {"BADSIG", "ERRSIG", "REVKEYSIG", "EXPSIG", "NO_PUBKEY"}
     good = kinds & {"GOODSIG", "EXPKEYSIG"}
-    if res.returncode != 0 or refused or not good or not valid or valid[0][-1].upper() != want:
+    if refused or not good or verdict.primary_key != want or not verdict.signed_by(want):
         why = ", ".join(sorted(refused)) or "no valid signature by it"
         raise BuildError(
             f"the signature on {tarball.name} does not verify against the pinned U-Boot release key "
