@@ -434,7 +434,7 @@ def test_imx6ul_device_tree_compiles_from_the_shared_board(
 @pytest.mark.slow
 @pytest.mark.integration
 def test_imx6ul_setting_installs_and_names_the_imx6ul_dtb(
-    cli_mk2: Path, settings: config.Settings, ssh_key: Path, tmp_path: Path
+    cli_mk2: Path, settings: config.Settings, build_ssh_key: Path, tmp_path: Path
 ) -> None:
     """--soc imx6ul: the image carries imx6ul-usbarmory.dtb and extlinux.conf names it (the bootloader
     is given, so no second U-Boot is built here)."""
@@ -443,7 +443,7 @@ def test_imx6ul_setting_installs_and_names_the_imx6ul_dtb(
     loader = tmp_path / "u-boot.imx"
     loader.write_bytes(bytes([0xD1, 0x00, 0x20, 0x40]) + bytes(400_000))
     result = build_image(settings.replace(board="mk2", soc="imx6ul", output_dir=str(tmp_path / "out"),
-                                          ssh_key=str(ssh_key)), bootloader=loader, log=lambda _: None)
+                                          ssh_key=str(build_ssh_key)), bootloader=loader, log=lambda _: None)
     image = Image(result.image)
     ext = image.read("/boot/extlinux/extlinux.conf").decode()
     assert "fdt /boot/dtbs/imx6ul-usbarmory.dtb" in ext
