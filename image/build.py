@@ -102,13 +102,8 @@ def _resolve_bootloader(board: Board, given: Path | None, settings: Settings, lo
         disk.check_bootloader(path, spec.offset, spec.limit)
         return _Loader(origin={"source": "file", "file": str(path)}, path=path)
     if spec.deb_package and spec.deb_path:
-        cache = settings.cache_path
-        deb, version = debs.fetch(spec.deb_package, mirror=settings.mirror, suite=settings.suite,
-                                  cache_dir=cache, log=log)
-        dest = cache / "bootloader" / f"{spec.deb_package}_{version}"
-        target = dest / spec.deb_path
-        if not target.is_file():
-            debs.extract(deb, [spec.deb_path], dest)
+        target, version = debs.cached_member(spec.deb_package, spec.deb_path, mirror=settings.mirror,
+                                             suite=settings.suite, cache_dir=settings.cache_path, log=log)
         disk.check_bootloader(target, spec.offset, spec.limit)
         return _Loader(origin={"source": "debian", "package": spec.deb_package, "version": version,
                                "path": spec.deb_path}, path=target)
