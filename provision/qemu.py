@@ -279,13 +279,7 @@ class QemuGuest:
             elif proc.poll() is not None:
                 clean = proc.returncode == 0
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+            terminate(proc, grace=10.0)
             self.proc = None
         return clean
 
@@ -542,6 +536,18 @@ def linux_failure(console: str) -> str | None:
         return None
     m, what = min(found, key=lambda f: f[0].start())
     return f"{what} ({m.group(0).strip()!r})"
+
+
+def terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """End a QEMU process that is still running: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
 
 
 class _PortTaken(Exception):

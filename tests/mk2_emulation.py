@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -232,14 +231,8 @@ class Mk2Guest:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
+        if proc is not None:
+            qemu.terminate(proc, grace=15.0)
 
     def console(self) -> str:
         """Everything UART2 has printed so far (read on from where the last call stopped)."""
