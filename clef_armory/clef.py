@@ -166,7 +166,7 @@ def _checked(path: Path, version: str, target: Arch, source: str) -> ClefBinary:
     return ClefBinary(path, reported, source, sha256_file(path), target.name)
 
 
-def _install_atomically(src: Path, dest: Path) -> None:
+def install_atomically(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.copyfile(src, tmp)
@@ -323,7 +323,7 @@ def _from_source(version: str, target: Arch, cache_dir: Path, log: Log) -> ClefB
         if built is None:
             raise ClefError("go install finished but produced no clef binary")
         _checked(built, version, target, "source")
-        _install_atomically(built, cached)
+        install_atomically(built, cached)
     return _checked(cached, version, target, "source")
 
 
@@ -411,7 +411,7 @@ def _from_release(
         extracted = Path(tmp, "clef")
         _extract_clef(archive, name, extracted)
         binary = _checked(extracted, version, target, "release")
-        _install_atomically(extracted, cached)
+        install_atomically(extracted, cached)
         record = {**binary.manifest(), "archive": archive.name, "archive_sha256": sha256_file(archive)}
         (cached.parent / "release.json").write_text(json.dumps(record, indent=2) + "\n")
     return _checked(cached, version, target, "release")

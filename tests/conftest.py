@@ -75,3 +75,11 @@ def mk2_build(tmp_path_factory: pytest.TempPathFactory, build_ssh_key: Path,
     assert "U-Boot 2025.01 for mk2 (uSD, 512M, imx6ulz" in result.stdout
     manifest = json.loads((out / "mk2" / "manifest.json").read_text())
     return BuildResult(out / "mk2", out / "mk2" / manifest["files"]["image"], manifest, ())
+
+
+@pytest.fixture(scope="session")
+def geth_binary(settings: config.Settings) -> Path:
+    """A real geth for this machine, the same go-ethereum version as Clef (built once, cached)."""
+    from clef_armory import geth
+
+    return geth.host_geth(settings.clef_version, settings.cache_path)
