@@ -172,7 +172,9 @@ def test_allowed_origin_gets_cors(agent: AgentProcess, clef_state: ClefState) ->
     )  # fmt: skip
     assert status == 200
     assert '\\"Origin\\":\\"http://dapp.test:3000\\"' in clef_audit(clef_state)
-    assert "dapp-test/2" in clef_audit(clef_state)  # User-Agent passed through to Clef's rules
+    # The client's User-Agent never reaches Clef: the agent sets its own (no qube header here).
+    assert "dapp-test/2" not in clef_audit(clef_state)
+    assert '\\"User-Agent\\":\\"clef-armory-agent\\"' in clef_audit(clef_state)
     lines = audit.new(2)
     assert lines[1]["origin"] == ORIGIN
 
