@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
         safe = bytes(b if b in (9, 10) or 32 <= b < 127 else 95 for b in proc.stdout)
         os.write(1, safe)
         return proc.returncode
-    os.execve(cmd[0], cmd, env)  # raw stdio, stderr and exit code are the service's own
+    os.execve(cmd[0], cmd, env)  # noqa: S606 - raw stdio, stderr and exit code are the service's own
     return FAILED
 
 

@@ -105,7 +105,9 @@ class World:
             return 0
         return sum(1 for line in log.read_text().splitlines() if service in line.split())
 
-    def qrexec(self, qube: str, *args: str, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    def qrexec(
+        self, qube: str, *args: str, stdin: bytes = b"", timeout: float = 60
+    ) -> subprocess.CompletedProcess[bytes]:
         """`qrexec-client-vm ARGS` run inside dapp qube `qube`."""
         client = str(self.root / f"bin-{qube}" / "qrexec-client-vm")
         return subprocess.run(["ip", "netns", "exec", self.ns[qube], client, *args], input=stdin,
@@ -170,7 +172,8 @@ def world(clef_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
         # The armory qube gets the default files; the dapp qubes' proxy runs on a short clock.
         write_all(QubesConfig(), root / "armory-files")
-        write_all(QubesConfig(call_timeout=PROXY_TIMEOUT, armory_timeout=PROXY_TIMEOUT - 1), root / "dapp-files")
+        dapp_cfg = QubesConfig(call_timeout=PROXY_TIMEOUT, armory_timeout=PROXY_TIMEOUT - 1)
+        write_all(dapp_cfg, root / "dapp-files")
         armory_root = root / "armory-files" / "armory-qube"
         rpc_local, rpc_etc = armory_root / "usr/local/etc/qubes-rpc", armory_root / "etc/qubes-rpc"
         rpc_etc.mkdir(parents=True)
@@ -289,8 +292,10 @@ def test_standin_environment_stdio_and_exit_codes(world: World) -> None:
 def test_parallel_calls_through_the_standin(world: World) -> None:
     results: list[subprocess.CompletedProcess[bytes]] = []
     payloads = [os.urandom(200_000) for _ in range(4)]
-    threads = [threading.Thread(target=lambda d=d: results.append(world.qrexec("work", "armory", "test.Echo", stdin=d)))
-               for d in payloads]
+    def one(data: bytes) -> None:
+        results.append(world.qrexec("work", "armory", "test.Echo", stdin=data))
+
+    threads = [threading.Thread(target=one, args=(d,)) for d in payloads]
     for t in threads:
         t.start()
     for t in threads:
@@ -326,7 +331,8 @@ def web3_session(address: str, message: str) -> dict[str, Any]:
     w3 = Web3(HTTPProvider("http://127.0.0.1:8550", request_kwargs={"timeout": 30}))
     report: dict[str, Any] = {"accounts": w3.eth.accounts}
     try:
-        report["signature"] = w3.eth.sign(address, text=message).hex()
+        signature: Any = w3.eth.sign(address, text=message)  # HexBytes, typed as HexStr
+        report["signature"] = Web3.to_hex(signature)
     except Web3RPCError as e:
         report["error"] = str(e)
     return report
@@ -421,7 +427,7 @@ def test_direct_qrexec_caller_cannot_claim_a_qube(world: World) -> None:
     framed = request("POST", BODY, [("Host", "10.0.0.1:8550"), CT, CL, ("X-Clef-Armory-Qube", "other"),
                                     ("User-Agent", "clef-armory-agent qube=other")])
     out = world.qrexec("work", "@default", "clefarmory.Sign", stdin=framed)
-    status, _, body = split_response(out.stdout)
+    status, _, _ = split_response(out.stdout)
     assert (out.returncode, status) == (0, 200), out
     assert world.rpc_lines(before + 1)[-1]["qube"] == "work"
 

@@ -81,7 +81,8 @@ def test_linter_catches(name: str, text: str, problem: str) -> None:
 
 def test_standin_policy_evaluation_by_tag_and_order(tmp_path: Path) -> None:
     (tmp_path / "30-clef-armory.policy").write_text(policy.render("armory", dapp_tag="dapps"))
-    world = {"policy_dir": str(tmp_path), "qubes": {"armory": {}, "work": {"tags": ["dapps"]}, "x": {}}}
+    qubes = {"armory": {}, "work": {"tags": ["dapps"]}, "x": {}}
+    world = {"policy_dir": str(tmp_path), "qubes": qubes}
     decide = qrexec_standin.decide
     assert decide(world, "work", "@default", "clefarmory.Sign", "") == "armory"
     assert decide(world, "work", "armory", "clefarmory.Sign", "anything") == "armory"
@@ -104,7 +105,8 @@ def test_rendered_files_are_stdlib_python_and_units(tmp_path: Path) -> None:
         "dapp-qube/usr/local/lib/systemd/system/clef-armory-proxy.service",
         "dapp-qube/rw/config/rc.local.d/50-clef-armory.rc",
     }
-    assert b"ListenStream=127.0.0.1:8550\n" in files["dapp-qube/usr/local/lib/systemd/system/clef-armory-proxy.socket"]
+    socket_unit = files["dapp-qube/usr/local/lib/systemd/system/clef-armory-proxy.socket"]
+    assert b"ListenStream=127.0.0.1:8550\n" in socket_unit
     written = write_all(QubesConfig(), tmp_path / "out")
     for path in written:
         if path.name in ("clefarmory.Sign", "clef-armory-proxy"):
@@ -124,7 +126,8 @@ def test_tasks_write_policy_and_files(tmp_path: Path) -> None:
               "--output", str(tmp_path / "dom0"))
     assert out.returncode == 0, out.stderr
     assert lint("30-clef-armory.policy", (tmp_path / "dom0" / "30-clef-armory.policy").read_text()) == []
-    bad = run("qubes-policy", "--armory-qube", "armory", "--dapp-qubes", "wo rk", "--output", str(tmp_path / "b"))
+    bad = run("qubes-policy", "--armory-qube", "armory", "--dapp-qubes", "wo rk",
+              "--output", str(tmp_path / "b"))
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
     assert not (tmp_path / "b").exists()
     out = run("qubes-files", "--output", str(tmp_path / "q"))
@@ -224,7 +227,8 @@ CT = ("Content-Type", "application/json")
 @pytest.mark.parametrize(
     ("stdin", "qube", "argv", "status", "message"),
     [
-        (request("POST", BODY, [CT, ("Transfer-Encoding", "chunked"), CL]), "work", (), 400, "Transfer-Encoding"),
+        (request("POST", BODY, [CT, ("Transfer-Encoding", "chunked"), CL]), "work", (), 400,
+         "Transfer-Encoding"),
         (request("POST", BODY, [CT, CT, CL]), "work", (), 400, "repeated content-type"),
         (request("POST", BODY, [CT, ("X-A", "1"), (" folded", "2"), CL]), "work", (), 400, "folded"),
         (request("POST", BODY, [CT]), "work", (), 411, "Content-Length required"),
@@ -264,6 +268,6 @@ def test_service_times_out_on_a_silent_caller(service: Path) -> None:
 
 def test_service_names_an_unreachable_armory(tmp_path: Path) -> None:
     write_all(QubesConfig(armory_host="127.0.0.1", armory_port=free_port(), read_timeout=1.0), tmp_path)
-    rc, out, _ = run_service(tmp_path / SERVICE, request("POST", BODY, [CT, CL]))
+    _, out, _ = run_service(tmp_path / SERVICE, request("POST", BODY, [CT, CL]))
     status, _, body = split_response(out)
     assert status == 502 and "cannot reach the armory" in json.loads(body)["error"]["message"]
