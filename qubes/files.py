@@ -16,7 +16,10 @@ from pathlib import Path
 
 import jinja2
 
+from image.overlay import Network
 from qubes import QubesError
+
+_LINK = Network()  # the USB link's fixed addresses, one source for the image and the qubes
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 QUBES = ("armory-qube", "dapp-qube")
@@ -32,8 +35,10 @@ EXECUTABLE = (
 class QubesConfig:
     """Everything the qube-side templates see. Defaults follow docs/design.md and the agent's limits."""
 
-    armory_host: str = "10.0.0.1"  # the agent on the USB link, reached from the armory qube
+    armory_host: str = _LINK.device_address  # the agent on the USB link, reached from the armory qube
     armory_port: int = 8550
+    link_address: str = _LINK.host_address  # the armory qube's end of the USB link (docs/network.md)
+    link_mac: str = _LINK.host_mac  # the host side's fixed MAC
     listen_port: int = 8550  # the proxy in each dapp qube, on 127.0.0.1 only
     service: str = SERVICE
     target: str = "@default"  # dom0 policy picks the armory qube

@@ -104,7 +104,10 @@ def test_rendered_files_are_stdlib_python_and_units(tmp_path: Path) -> None:
         "dapp-qube/usr/local/lib/systemd/system/clef-armory-proxy.socket",
         "dapp-qube/usr/local/lib/systemd/system/clef-armory-proxy.service",
         "dapp-qube/rw/config/rc.local.d/50-clef-armory.rc",
+        "armory-qube/rw/config/rc.local.d/50-clef-armory.rc",
     }
+    rule = files["armory-qube/rw/config/rc.local.d/50-clef-armory.rc"]
+    assert b'ATTR{address}=="1a:55:89:a2:69:42"' in rule and b"ip addr replace 10.0.0.2/24" in rule
     socket_unit = files["dapp-qube/usr/local/lib/systemd/system/clef-armory-proxy.socket"]
     assert b"ListenStream=127.0.0.1:8550\n" in socket_unit
     written = write_all(QubesConfig(), tmp_path / "out")
