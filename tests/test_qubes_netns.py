@@ -324,6 +324,10 @@ def test_curl_in_work(world: World) -> None:
     assert (line["qube"], line["origin"], line["peer"], line["status"]) == ("work", ORIGIN, "10.0.0.2", 200)
     clef = world.clef_audit()
     assert '\\"User-Agent\\":\\"clef-armory-agent qube=work\\"' in clef
+    health = subprocess.run(["ip", "netns", "exec", world.ns["work"], "curl", "-sS", "--max-time", "30",
+                             "http://localhost:8550/health"], capture_output=True, timeout=60, check=True)
+    assert json.loads(health.stdout)["state"] == "ready"  # GET travels too
+    assert world.rpc_lines(before + 2)[-1]["method"] == "GET /health"
     assert "evil/1" not in clef and "6.6.6.6" not in clef and "qube=other" not in clef
 
 
