@@ -9,7 +9,8 @@ behaviour of qubes-core-qrexec 4.2 (docs/qubes.md lists what only a real Qubes m
   wins, no match = deny. A `.policy` file whose name has characters outside `[0-9a-z_.-]`, or any
   line that does not parse, breaks every call (they are all refused). `allow` to `@default`
   needs `target=`; `ask` is answered by the world file.
-- Refused: `Request refused` on stderr, exit 126. No such target qube: refused too.
+- Refused: `Request refused` on stderr, exit 126. No such target qube: refused too. A target
+  the world marks `"unreachable"`: exit 125 (qrexec's code for other failures).
 - Service lookup in the target qube's root: `NAME+ARG`, then `NAME`, each first in
   `/usr/local/etc/qubes-rpc/`, then `/etc/qubes-rpc/`; none: exit 127.
 - The service's environment is exactly: QREXEC_REMOTE_DOMAIN, QREXEC_SERVICE_FULL_NAME
@@ -135,6 +136,9 @@ def main(argv: list[str]) -> int:
     qube = world["qubes"].get(chosen)
     if qube is None or "root" not in qube:
         return refuse(f"no such target qube {chosen!r}")
+    if qube.get("unreachable"):  # the world's way to break the vchan connection
+        print(f"qrexec: cannot connect to {chosen}", file=sys.stderr)
+        return FAILED
     root = Path(qube["root"])
     candidates = [f"{service}+{arg}", service] if arg else [f"{service}+", service]
     path = next((root / d / n for n in candidates for d in RPC_DIRS if (root / d / n).is_file()), None)
