@@ -291,3 +291,40 @@ def run_qemu(c: Context, image: str = "", memory: int = 512, cpus: int = 2, time
                 pass
         print("powering off ...")
     print("guest stopped")
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        "armory_qube": "The qube the armory is attached to (qvm-usb).",
+        "dapp_qubes": "Comma-separated qubes that may sign through it, e.g. work,defi.",
+        "dapp_tag": "Instead of --dapp-qubes: every qube with this Qubes tag.",
+        "ask": "Ask in dom0 before every call instead of allowing it.",
+        "output": "Directory for 30-clef-armory.policy (default: build/qubes/dom0).",
+    },
+)
+@user_errors
+def qubes_policy(c: Context, armory_qube: str = "", dapp_qubes: str = "", dapp_tag: str = "",
+                 ask: bool = False, output: str = "build/qubes/dom0") -> None:
+    """Write dom0's qrexec policy for clefarmory.Sign (checked by our linter; see docs/qubes.md)."""
+    from pathlib import Path
+
+    from qubes import QubesError, policy
+
+    if not armory_qube:
+        raise QubesError("--armory-qube NAME is required")
+    names = [q.strip() for q in dapp_qubes.split(",") if q.strip()]
+    path = policy.write(Path(output), policy.render(armory_qube, names, dapp_tag, ask))
+    print(f"{path} (copy into dom0's /etc/qubes/policy.d/, see docs/qubes.md)")
+
+
+@task(auto_shortflags=False, help={"output": "Output directory (default: build/qubes)."})
+@user_errors
+def qubes_files(c: Context, output: str = "build/qubes") -> None:
+    """Render the files for the armory qube and the dapp qubes (see docs/qubes.md)."""
+    from pathlib import Path
+
+    from qubes.files import QubesConfig, write_all
+
+    for path in write_all(QubesConfig(), Path(output)):
+        print(path)

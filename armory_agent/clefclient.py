@@ -1,7 +1,7 @@
 """Forwards one JSON-RPC call to Clef's loopback HTTP over a small pool of kept-alive connections.
 
-Only `Origin` and `User-Agent` of the client are passed on (Clef's rules see them in
-req.meta); nothing else from the client, so X-Forwarded-For and friends never reach Clef.
+Only the client's `Origin` is passed on, and a `User-Agent` the agent sets itself (Clef's rules
+see both in req.meta); nothing else from the client, so X-Forwarded-For and friends never reach Clef.
 """
 
 from __future__ import annotations

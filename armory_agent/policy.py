@@ -6,8 +6,14 @@ and the client's own headers. X-Forwarded-For / X-Real-IP are never trusted or p
 
 from __future__ import annotations
 
+import re
+
 from armory_agent.config import PolicyConfig
 from armory_agent.httpproto import HttpError, Request
+
+QUBE_HEADER = "x-clef-armory-qube"
+_QUBE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,31}")
+AGENT_USER_AGENT = "clef-armory-agent"
 
 
 def check_host(req: Request, policy: PolicyConfig) -> None:
@@ -43,3 +49,23 @@ def is_json_content_type(req: Request) -> bool:
     """The media types Clef accepts (anything else Clef answers 415)."""
     value = req.headers.get("content-type", "").split(";")[0].strip().lower()
     return value in ("application/json", "application/json-rpc", "application/jsonrequest")
+
+
+def qube_of(req: Request) -> str | None:
+    """The calling Qubes qube named by the armory qube's qrexec service, or None.
+
+    Trusted because on a Qubes setup only the armory qube reaches the USB link, and its service
+    takes the name from qrexec (QREXEC_REMOTE_DOMAIN), never from the caller (docs/qubes.md).
+    A malformed or repeated header (joined with ", ") is refused, never guessed at.
+    """
+    raw = req.headers.get(QUBE_HEADER)
+    if raw is None:
+        return None
+    if not _QUBE_NAME.fullmatch(raw):
+        raise HttpError(400, "bad X-Clef-Armory-Qube header: one qube name, [A-Za-z0-9_.-]{1,31}")
+    return raw
+
+
+def clef_user_agent(qube: str | None) -> str:
+    """The User-Agent Clef's rules see (req.meta.UserAgent): set by the agent, never the client's."""
+    return AGENT_USER_AGENT if qube is None else f"{AGENT_USER_AGENT} qube={qube}"

@@ -41,7 +41,7 @@ class RpcError(Exception):
 class CallContext:
     peer: str
     origin: str | None
-    user_agent: str | None
+    user_agent: str | None  # the agent's own (policy.clef_user_agent), never the client's
 
 
 Handler = Callable[["Front", str, Any, CallContext], Awaitable[Any]]

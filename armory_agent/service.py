@@ -107,7 +107,7 @@ class Agent:
         p = self.cfg.policy
         if self.connections >= p.max_connections:
             self.audit.record(
-                {"kind": "rpc", "peer": peer, "origin": None, "method": None,
+                {"kind": "rpc", "peer": peer, "qube": None, "origin": None, "method": None,
                  "decision": "denied", "status": 503, "error": "too many connections"}
             )  # fmt: skip
             with contextlib.suppress(OSError, ConnectionError):
@@ -130,7 +130,9 @@ class Agent:
     async def _serve_request(self, conn: Connection, peer: str) -> bool:
         """Serve one request; False when the connection should close."""
         p = self.cfg.policy
-        entry: dict[str, Any] = {"kind": "rpc", "peer": peer, "origin": None, "method": None}
+        entry: dict[str, Any] = {
+            "kind": "rpc", "peer": peer, "qube": None, "origin": None, "method": None
+        }  # fmt: skip
         req: Request | None = None
         extra: dict[str, str] = {}
         try:
@@ -139,6 +141,8 @@ class Agent:
             except ClientGone:
                 return False
             entry["origin"] = req.headers.get("origin")
+            qube = access.qube_of(req)
+            entry["qube"] = qube
             if not self.limiter.allow(peer):
                 raise HttpError(429, "rate limit exceeded", code=-32011)
             access.check_host(req, p)
@@ -162,7 +166,7 @@ class Agent:
                 if not access.is_json_content_type(req):
                     raise HttpError(415, "Content-Type must be application/json")
                 body_in = await conn.read_body(length, p.body_timeout)
-                ctx = CallContext(peer, req.headers.get("origin"), req.headers.get("user-agent"))
+                ctx = CallContext(peer, req.headers.get("origin"), access.clef_user_agent(qube))
                 self.leds.request_started()
                 try:
                     status, body, methods, codes = await self.front.handle(body_in, ctx)

@@ -172,7 +172,9 @@ def test_allowed_origin_gets_cors(agent: AgentProcess, clef_state: ClefState) ->
     )  # fmt: skip
     assert status == 200
     assert '\\"Origin\\":\\"http://dapp.test:3000\\"' in clef_audit(clef_state)
-    assert "dapp-test/2" in clef_audit(clef_state)  # User-Agent passed through to Clef's rules
+    # The client's User-Agent never reaches Clef: the agent sets its own (no qube header here).
+    assert "dapp-test/2" not in clef_audit(clef_state)
+    assert '\\"User-Agent\\":\\"clef-armory-agent\\"' in clef_audit(clef_state)
     lines = audit.new(2)
     assert lines[1]["origin"] == ORIGIN
 
@@ -297,3 +299,25 @@ def test_rate_limit_per_peer(clef_binary: Path, tmp_path: Path) -> None:
         assert statuses[:3] == [503, 503, 503]  # locked, but within the burst
         assert statuses[3:] == [429, 429, 429]
         assert [x["status"] for x in wait_audit(agent, 6)] == statuses
+
+
+def test_qube_header_is_checked_audited_and_becomes_clefs_user_agent(
+    agent: AgentProcess, clef_state: ClefState
+) -> None:
+    """X-Clef-Armory-Qube (set by the armory qube's qrexec service, docs/qubes.md): a valid name
+    is audited and reaches Clef's rules only as the agent's own User-Agent; anything else is refused."""
+    audit = Audit(agent)
+    before = clef_audit(clef_state)
+    for bad in ("", "a b", "x" * 32, "work, other", "wörk", "../etc"):
+        status, body = call(agent.address, agent.port, "account_list", [],
+                            headers={"X-Clef-Armory-Qube": bad})
+        assert status == 400 and "X-Clef-Armory-Qube" in body["error"]["message"], bad
+    assert clef_audit(clef_state) == before  # none of it reached Clef
+    status, _ = call(agent.address, agent.port, "account_list", [],
+                     headers={"X-Clef-Armory-Qube": "work-1.x_y", "User-Agent": "client qube=other"})
+    assert status == 200
+    assert '\\"User-Agent\\":\\"clef-armory-agent qube=work-1.x_y\\"' in clef_audit(clef_state)
+    assert "client qube=other" not in clef_audit(clef_state)
+    lines = audit.new(7)
+    assert [x["qube"] for x in lines] == [None] * 6 + ["work-1.x_y"]
+    assert [x["status"] for x in lines] == [400] * 6 + [200]
