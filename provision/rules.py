@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import jinja2
 
 from clef_armory.config import REPO_ROOT
 from clef_armory.errors import ConfigError
-from provision.policy import Policy
+from provision.policy import Policy, describe, rules_data
 
 TEMPLATE = REPO_ROOT / "overlay" / "var" / "lib" / "clef-armory" / "rules.js.j2"
 
@@ -23,12 +24,9 @@ def render(policy: Policy, policy_name: str = "policy.yaml") -> str:
     )
     return env.get_template(TEMPLATE.name).render(
         policy_name=Path(policy_name).name,
-        chain_ids=list(policy.chain_ids),
-        recipients=list(policy.recipients),
-        max_value_wei=str(policy.max_value_wei),
-        origins=list(policy.origins),
-        allow_no_origin=policy.allow_no_origin,
-        allow_text_signing=policy.allow_text_signing,
+        version=policy.version,
+        summary=describe(policy),
+        policy_json=json.dumps(rules_data(policy), indent=1, sort_keys=True),
     )
 
 

@@ -72,11 +72,13 @@ def test_rules_render_carries_the_policy_and_is_stable() -> None:
     p = policy.parse({"recipients": [ADDR], "max_value_wei": 123, "origins": ["https://app.example"],
                       "allow_text_signing": True, "chain_ids": [5]})
     text = rules.render(p, "my-policy.yaml")
-    assert f'["{ADDR.lower()}"]' in text
-    assert 'new BigNumber("123", 10)' in text
-    assert '["https://app.example"]' in text
-    assert "ALLOW_TEXT_SIGNING = true" in text and "[5]" in text
+    data = json.loads(text.split("var POLICY = ", 1)[1].split(";\n", 1)[0])
+    assert data["global"]["recipients"] == [ADDR.lower()]
+    assert data["global"]["max_value_wei"] == "123"
+    assert data["origins"] == ["https://app.example"]
+    assert data["global"]["allow_text_signing"] is True and data["chain_ids"] == [5]
     assert "my-policy.yaml" in text
+    assert "//   value per transaction: at most 0.000000000000000123 ETH" in text  # the header in words
     assert rules.render(p, "my-policy.yaml") == text
     assert rules.sha256(text) == hashlib.sha256(text.encode()).hexdigest()
     for fn in ("ApproveTx", "ApproveSignData", "ApproveListing"):
