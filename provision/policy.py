@@ -495,7 +495,8 @@ def is_permit(primary_type: str) -> bool:
 
 
 def duration(seconds: int) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+    units = (("h", 3600), ("m", 60)) if seconds <= 2 * 86400 else (("d", 86400), ("h", 3600), ("m", 60))
+    for unit, size in units:
         if seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"

@@ -435,7 +435,7 @@ def builtin_samples(p: policy_mod.Policy) -> list[tuple[str, str, Any]]:
         (
             "contract creation",
             "tx",
-            {**call, "to": None, "gas": hex(min(p.max_gas, 60000)), "data": "0x6000600055"},
+            {**call, "to": None, "gas": hex(min(p.max_gas, 60000)), "data": "0x" + "60006000f3" * 13},
         ),
     ]
 
@@ -520,3 +520,17 @@ def host_signer(
         yield signer
     finally:
         signer.close()
+
+
+def host_clef(settings: Any, log: Any = print) -> Path:
+    """The laptop's own Clef (same pinned version as the device's), built once and cached."""
+    from clef_armory import clef
+
+    return clef.acquire("source", version=settings.clef_version, arch=clef.host_arch(),
+                        cache_dir=settings.cache_path, log=log).path  # fmt: skip
+
+
+def sample_table(clef_binary: Path, pol: policy_mod.Policy, policy_name: str) -> str:
+    """The built-in samples' verdicts, as `provision` shows them before asking to attest."""
+    verdicts = check(clef_binary, pol, policy_name, builtin_samples(pol))
+    return f"{policy_name} in a throw-away Clef on this machine:\n" + table(verdicts)
