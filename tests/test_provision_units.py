@@ -101,6 +101,10 @@ def test_agent_config_renders_from_the_overlay_template() -> None:
     pol = policy.parse({"recipients": [ADDR], "origins": ["https://app.example"]})
     cfg2 = agent_config.from_mapping(tomllib.loads(agentconfig.render(DEFAULT, 1, pol)))
     assert cfg2.policy.origins == ("https://app.example",) and cfg2.policy.cors
+    calls = [{"contract": ADDR, "functions": ["deposit(uint256)"]}]
+    pol3 = policy.parse({"recipients": [ADDR], "calls": calls})
+    cfg3 = agent_config.from_mapping(tomllib.loads(agentconfig.render(DEFAULT, 1, pol3)))
+    assert cfg3.eth.method_signatures == ("deposit(uint256)",)  # Clef's validator learns the policy's calls
 
 
 def test_rules_file_must_look_like_rules(tmp_path: Path) -> None:
@@ -402,3 +406,49 @@ def test_provision_task_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: password file {pw} has mode 0644; it must be 0600 "
                                                 f"(chmod 600 {pw})"]
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"recipients": [ADDR], "max_gas": 20000}, "max_gas must be an integer from 21000"),
+        ({"recipients": [ADDR], "max_fee_per_gas_gwei": "0"}, "above 0"),
+        ({"recipients": [ADDR], "limits": [{"window": "1w", "max_eth": "1"}]}, "30s, 15m, 24h or 7d"),
+        ({"recipients": [ADDR], "limits": [{"window": "1h"}]}, "needs max_eth or max_tx"),
+        ({"recipients": [ADDR], "calls": [{"erc20": {"token": ADDR, "max_amount": "1"}}]}, "decimals"),
+        ({"recipients": [ADDR], "calls": [{"contract": ADDR, "functions": ["approve(address,uint256)"]}]},
+         "grants an allowance"),
+        ({"recipients": [ADDR], "calls": [{"contract": ADDR, "functions": ["swap(bytes)"]}]},
+         "cannot be checked strictly"),
+        ({"recipients": [ADDR],
+          "calls": [{"erc20": {"token": ADDR, "decimals": 6, "approve": [{"spender": ADDR}]}}]},
+         "spender and max_amount"),
+        ({"recipients": [ADDR], "typed_data": [{"verifying_contract": ADDR, "primary_type": "PermitBatch"}]},
+         "give its spender"),
+        ({"recipients": [ADDR], "qubes": {"bad name": {}}}, "qube name"),
+        ({"recipients": [ADDR], "qubes": {"work": {"origins": []}}}, "unknown key"),
+        ({"max_value_eth": "1"}, "allows nothing"),
+        ({"recipients": [ADDR], "version": 3}, "version must be 1 or 2"),
+    ],
+)  # fmt: skip
+def test_policy_v2_errors_are_one_line(doc: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        policy.parse(doc)
+    assert "\n" not in str(e.value)
+
+
+def test_v1_file_gets_fee_defaults_and_v2_keys_parse() -> None:
+    v1 = policy.parse({"recipients": [ADDR], "max_value_eth": "0.05"})
+    assert v1.version == 1 and v1.max_gas == 100_000 and v1.max_fee_per_gas_wei == 200 * 10**9
+    assert not v1.allow_create and v1.limits == () and v1.qubes == ()
+    v2 = policy.parse({
+        "recipients": [ADDR], "max_fee_per_gas_gwei": "1.5", "limits": [{"window": "24h", "max_eth": "0.5"},
+                                                                     {"window": "1h", "max_tx": 5}],
+        "calls": [{"erc20": {"token": ADDR, "decimals": 6, "transfer_to": [ADDR], "max_amount": "100.5"}}],
+        "qubes": {"work": {"max_value_eth": "0.01"}},
+    })  # fmt: skip
+    assert v2.max_fee_per_gas_wei == 1_500_000_000
+    assert v2.limits == (policy.Limit(86400, 5 * 10**17, None), policy.Limit(3600, None, 5))
+    assert v2.erc20[0].max_units == 100_500_000
+    (name, scope), = v2.qubes
+    assert name == "work" and scope.max_value_wei == 10**16 and scope.recipients is None
