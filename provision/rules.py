@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import jinja2
@@ -23,7 +24,7 @@ def render(policy: Policy, policy_name: str = "policy.yaml") -> str:
         autoescape=False,  # noqa: S701 - JavaScript, values go through |tojson
     )
     return env.get_template(TEMPLATE.name).render(
-        policy_name=Path(policy_name).name,
+        policy_name=re.sub(r"[^\x20-\x7e]", "?", Path(policy_name).name),  # it lands in a JS comment
         version=policy.version,
         summary=describe(policy),
         policy_json=json.dumps(rules_data(policy), indent=1, sort_keys=True),

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,8 @@ def test_reset_windows_needs_the_master_password(clef_binary: Path, tmp_path: Pa
 
 NODE_RUNNER = r"""
 const vm = require("vm"), fs = require("fs");
-const [bn, rulesText, casesText] = process.argv.slice(2).map(f => fs.readFileSync(f, "utf8"));
-const store = {};
+const [bn, rulesText, casesText, storeText] = process.argv.slice(2).map(f => fs.readFileSync(f, "utf8"));
+const store = JSON.parse(storeText);
 const ctx = {console: {log: () => {}}, storage: {get: k => store[k] || "", put: (k, v) => { store[k] = v; }}};
 vm.createContext(ctx);
 vm.runInContext(bn, ctx);
@@ -103,18 +104,22 @@ console.log(JSON.stringify(out));
 """
 
 
-def run_rules_in_node(rules_text: str, requests: list[dict[str, Any]], tmp_path: Path) -> list[str]:
-    bn = (
-        config.load().cache_path
-        / "go/mod/github.com/ethereum/go-ethereum@v1.17.3/internal/jsre/deps/bignumber.js"
+def run_rules_in_node(
+    rules_text: str, requests: list[dict[str, Any]], tmp_path: Path, store: dict[str, str] | None = None
+) -> list[str]:
+    settings = config.load()
+    bn = settings.cache_path / (
+        f"go/mod/github.com/ethereum/go-ethereum@v{settings.clef_version}/internal/jsre/deps/bignumber.js"
     )
     if not bn.exists():
         pytest.fail(f"Clef's bignumber.js is missing at {bn} (the clef_binary fixture builds it)")
     (tmp_path / "run.js").write_text(NODE_RUNNER)
     (tmp_path / "rules.js").write_text(rules_text)
     (tmp_path / "cases.json").write_text(json.dumps(requests))
+    (tmp_path / "store.json").write_text(json.dumps(store or {}))
+    files = [tmp_path / "run.js", bn, tmp_path / "rules.js", tmp_path / "cases.json", tmp_path / "store.json"]
     out = subprocess.run(
-        ["node", str(tmp_path / "run.js"), str(bn), str(tmp_path / "rules.js"), str(tmp_path / "cases.json")],
+        ["node", *map(str, files)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -148,3 +153,15 @@ def test_rules_decode_strictly_on_their_own(clef_binary: Path, tmp_path: Path) -
     fee_bomb = {"transaction": {**tx(value=1, gas=30_000_000, maxFeePerGas=655_360 * GWEI), "from": R1},
                 "meta": {}}  # fmt: skip
     assert run_rules_in_node(text, [stranger, fee_bomb], tmp_path) == ["Reject", "Reject"]
+
+
+def test_the_record_is_bounded(clef_binary: Path, tmp_path: Path) -> None:
+    """With only an ETH limit, tiny transactions could grow the record without end: 2000 is the most."""
+    text = rules.render(policy.parse({"recipients": [R1], "limits": [{"window": "24h", "max_eth": "1"}]}))
+    req = {"transaction": {**tx(value=0, maxFeePerGas=1, maxPriorityFeePerGas=1), "from": R1}, "meta": {}}
+    record = {"t": 0, "c": "21000", "q": "", "s": "s", "k": "x"}
+    frozen = {"d": 1000, "w": int(time.time() * 1000) + 3_600_000}  # a wall clock ahead: device time stays
+    full = {"armory.clock": json.dumps(frozen), "armory.spent": json.dumps([record] * 2000)}
+    almost = {**full, "armory.spent": json.dumps([record] * 1999)}
+    assert run_rules_in_node(text, [req], tmp_path, full) == ["Reject"]
+    assert run_rules_in_node(text, [req], tmp_path, almost) == ["Approve"]
