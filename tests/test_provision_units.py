@@ -452,3 +452,17 @@ def test_v1_file_gets_fee_defaults_and_v2_keys_parse() -> None:
     assert v2.erc20[0].max_units == 100_500_000
     (name, scope), = v2.qubes
     assert name == "work" and scope.max_value_wei == 10**16 and scope.recipients is None
+
+
+def test_nothing_on_the_link_can_set_the_device_clock() -> None:
+    """The spending windows trust the device's system clock: no time service in the image, none offered
+    on the link, and the agent (and Clef under it) may not set it."""
+    from image.rootfs import PACKAGES
+
+    time_services = {"systemd-timesyncd", "chrony", "ntp", "ntpsec", "openntpd", "fake-hwclock", "ntpdate"}
+    assert not time_services & set(PACKAGES)
+    overlay = Path(rules.TEMPLATE).parents[3]
+    assert "EmitNTP=no" in (overlay / "etc/systemd/network/10-usb0.network.j2").read_text()
+    assert "ProtectClock=yes" in (overlay / "etc/systemd/system/clef-armory-agent.service.j2").read_text()
+    text = rules.render(policy.parse({"recipients": [ADDR], "limits": [{"window": "24h", "max_tx": 1}]}))
+    assert "new Date().getTime()" in text and "Math.max(0, wall - clock.w)" in text  # never backwards
