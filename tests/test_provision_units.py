@@ -466,3 +466,21 @@ def test_nothing_on_the_link_can_set_the_device_clock() -> None:
     assert "ProtectClock=yes" in (overlay / "etc/systemd/system/clef-armory-agent.service.j2").read_text()
     text = rules.render(policy.parse({"recipients": [ADDR], "limits": [{"window": "24h", "max_tx": 1}]}))
     assert "new Date().getTime()" in text and "Math.max(0, wall - clock.w)" in text  # never backwards
+
+
+def test_provision_shows_the_sample_table_before_it_connects(tmp_path: Path) -> None:
+    from provision import commands
+
+    pol_file = tmp_path / "policy.yaml"
+    pol_file.write_text(json.dumps({"recipients": [ADDR]}))
+    said: list[str] = []
+
+    class Unreachable(commands.Session):
+        def open(self) -> Any:
+            said.append("connect")
+            raise ConfigError("no device in this test")
+
+    inputs = commands.ProvisionInputs(policy_file=pol_file, sample_check=lambda p, name: f"table for {name}")
+    with pytest.raises(ConfigError, match="no device"):
+        commands.provision(Unreachable(target=None), Passwords(None), inputs, said.append)  # type: ignore[arg-type]
+    assert said == ["table for policy.yaml", "connect"]
