@@ -153,6 +153,9 @@ class HostSigner:
         if not self._ready.wait(timeout) or self.proc.poll() is not None:
             self.stop()
             raise CheckError(f"the throw-away Clef did not start: {' | '.join(self.log[-5:])}")
+        deadline = time.monotonic() + 5  # the rules' verdict is on stderr, read by another thread
+        while not self._rules_state and time.monotonic() < deadline:
+            time.sleep(0.02)
         if self._rules_state != "enabled":
             self.stop()
             raise CheckError(
@@ -176,8 +179,6 @@ class HostSigner:
                 elif method == "ui_approveListing":
                     answer = {"accounts": None}
                 elif method == "ui_onSignerStartup":
-                    # The rules verdict is logged on stderr just before; give the reader a moment.
-                    time.sleep(0.2)
                     self._ready.set()
                 if msg_id is not None and answer is not None:
                     line = json.dumps({"jsonrpc": "2.0", "id": msg_id, "result": answer}).encode() + b"\n"
