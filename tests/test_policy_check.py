@@ -17,6 +17,7 @@ from armory_agent import device_admin
 from armory_agent.keccak import selector
 from clef_armory import config
 from provision import policy, policycheck, rules
+from tests.agent_helpers import require_tool
 from tests.test_policy_rules import GWEI, R1, RICH, STRANGER, TOKEN, erc20_call, tx, word_address
 
 pytestmark = pytest.mark.integration
@@ -119,7 +120,7 @@ def run_rules_in_node(
     (tmp_path / "store.json").write_text(json.dumps(store or {}))
     files = [tmp_path / "run.js", bn, tmp_path / "rules.js", tmp_path / "cases.json", tmp_path / "store.json"]
     out = subprocess.run(
-        ["node", *map(str, files)],
+        [require_tool("node"), *map(str, files)],
         capture_output=True,
         text=True,
         timeout=60,
