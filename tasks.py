@@ -189,6 +189,7 @@ def provision(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "a
         accounts=accounts, import_keystore=Path(import_keystore) if import_keystore else None,
         rules_file=Path(rules) if rules else None, policy_file=Path(policy) if policy else None,
         chain_id=settings.chain_id, run_checks=checks, account_password=account_password,
+        sample_check=None if json or not policy else _sample_check(settings),
         confirm=None if yes or json or not sys.stdin.isatty()
         else lambda q: input(f"{q} [y/N] ").strip().lower() in ("y", "yes"))
     passwords = Passwords(Path(password_file) if password_file else None)
@@ -199,6 +200,65 @@ def provision(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "a
         print(report.checks_table(results))
     if commands.failed(results):
         raise ProvisionError(f"{len(commands.failed(results))} key-handling check(s) failed")
+
+
+def _sample_check(settings: Any) -> Any:
+    """provision's table of built-in samples under the policy, run in the laptop's own Clef."""
+    from provision import policycheck
+
+    return lambda pol, name: policycheck.sample_table(policycheck.host_clef(settings), pol, name)
+
+
+@task(
+    auto_shortflags=False,
+    positional=["action", "file"],
+    help={
+        **{k: v for k, v in _SSH_HELP.items() if k != "json"},
+        "action": "check: run the policy's rules in a throw-away Clef here; reset-windows: empty the "
+                  "device's spending windows (asks for the master password).",
+        "file": "check: the policy YAML.",
+        "tx": "check: a JSON transaction (eth_signTransaction form) or a list of them, in order; an item "
+              "may carry \"at\": \"2h\" (device time when it is asked).",
+        "typed_data": "check: a JSON EIP-712 object.",
+        "message": "check: a text message (personal_sign).",
+        "at": "check: device time (e.g. 25h) for samples without their own \"at\".",
+        "qube": "check: ask as this qube (the agent's User-Agent 'clef-armory-agent qube=NAME').",
+        "chain_id": "check: chain id for the policy's default (default: invoke.yaml).",
+    },
+)
+@user_errors
+def policy(c: Context, action: str, file: str | None = None, tx: str = "", typed_data: str = "",
+           message: str | None = None, at: str = "", qube: str = "", chain_id: int | None = None,
+           host: str = "10.0.0.1", port: int = 22,
+           user: str = "armory", identity: str = "", known_hosts: str = "", password_file: str = "",
+           board: str | None = None) -> None:
+    """Check a policy before it goes on the device, or reset the device's spending windows."""
+    from pathlib import Path
+
+    from clef_armory.errors import ConfigError
+    from provision import commands, policycheck
+    from provision import policy as policy_mod
+    from provision.secrets import Passwords
+
+    if action == "check":
+        if not file:
+            raise ConfigError("give the policy file: ./do policy check policy.yaml")
+        settings = settings_from(c, **({"chain_id": chain_id} if chain_id else {}))
+        pol = policy_mod.load(Path(file), settings.chain_id)
+        samples = policycheck.load_samples(Path(tx) if tx else None, Path(typed_data) if typed_data else None,
+                                           message)
+        print("\n".join(policy_mod.describe(pol)))
+        verdicts = policycheck.check(policycheck.host_clef(settings), pol, Path(file).name,
+                                     samples or policycheck.builtin_samples(pol),
+                                     policycheck.parse_time(at) if at else None,
+                                     f"clef-armory-agent qube={qube}" if qube else None)
+        print(policycheck.table(verdicts))
+    elif action == "reset-windows":
+        session = _session(c, board, host, port, user, identity, known_hosts)
+        result = commands.reset_windows(session, Passwords(Path(password_file) if password_file else None))
+        print("spending windows emptied" if result["changed"] else "spending windows were already empty")
+    else:
+        raise ConfigError(f"unknown policy action {action!r}: use check or reset-windows")
 
 
 @task(auto_shortflags=False, help={**_SSH_HELP})

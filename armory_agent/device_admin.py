@@ -331,6 +331,28 @@ def cmd_install_rules(req: dict[str, Any]) -> dict[str, Any]:
     return {"sha256": digest, "changed": True}
 
 
+def cmd_reset_windows(req: dict[str, Any]) -> dict[str, Any]:
+    """Forget the rules' spending record and clock mark: only with the master password.
+
+    Clef proves the password by re-attesting the hash already attested (no change to the vault's
+    config); only then is the rules' storage (jsstorage.json, encrypted under the master seed)
+    removed. Clef reads it on every request, so the windows are empty from the next request on.
+    """
+    layout = req["layout"]
+    recorded = _read_or_none(Path(layout["rules_record"]))
+    if recorded is None:
+        raise AdminError("no rules are attested on the device: nothing to reset")
+    _clef(layout, ["attest", recorded.decode().strip()], f"{req['secrets']['master']}\n")
+    removed = []
+    for vault in _vault_dirs(layout):
+        store = vault / "jsstorage.json"
+        if store.exists():
+            store.unlink()
+            _fsync_dir(vault)
+            removed.append(str(store))
+    return {"changed": bool(removed), "removed": removed}
+
+
 def cmd_install_config(req: dict[str, Any]) -> dict[str, Any]:
     """The agent config, atomically (root-owned, group Clef's user's group)."""
     layout = req["layout"]
@@ -660,6 +682,7 @@ COMMANDS = {
     "setpw": cmd_setpw,
     "install-rules": cmd_install_rules,
     "install-config": cmd_install_config,
+    "reset-windows": cmd_reset_windows,
     "restart-agent": cmd_restart_agent,
     "agent": cmd_agent,
     "facts": cmd_facts,

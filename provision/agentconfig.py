@@ -32,8 +32,9 @@ def render(layout: DeviceLayout, chain_id: int, policy: Policy | None) -> str:
         "service_user": layout.clef_user,
         "network": {"interface": "usb0", "device_address": agent_host},
     }
+    signatures = sorted({f.signature for f in policy.functions}) if policy else []
     extra = {"origins": list(policy.origins) if policy else [], "state_dir": layout.state_dir,
-             "clef": layout.clef, "rules": layout.rules}
+             "clef": layout.clef, "rules": layout.rules, "method_signatures": signatures}
     env = jinja2.Environment(  # noqa: S701 - a TOML file, not HTML
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         undefined=jinja2.StrictUndefined,

@@ -50,6 +50,8 @@ class ProvisionInputs:
     confirm: Callable[[str], bool] | None = None  # asked before new rules are attested
     account_password: str = words.GENERATED  # new accounts: generated words (light scrypt) or "ask"
     terminal: Callable[[], Terminal] | None = None  # where the words are shown; None: /dev/tty
+    # The built-in samples' verdicts under the policy (a host Clef runs them), shown before anything.
+    sample_check: Callable[[policy.Policy, str], str] | None = None
 
     def __post_init__(self) -> None:
         if self.rules_file and self.policy_file:
@@ -71,6 +73,8 @@ def provision(
     session: Session, passwords: Passwords, inputs: ProvisionInputs, say: Callable[[str], None] = print
 ) -> tuple[list[setup.Step], list[checks.CheckResult]]:
     rules_text, pol = resolve_rules(inputs)  # bad local inputs fail before we connect
+    if pol is not None and inputs.sample_check is not None and inputs.policy_file is not None:
+        say(inputs.sample_check(pol, inputs.policy_file.name))
     agent_config = (
         agentconfig.render(session.layout, inputs.chain_id, pol) if inputs.write_agent_config else None
     )
@@ -130,6 +134,13 @@ def unlock(session: Session, passwords: Passwords) -> dict[str, Any]:
         if status and status.get("state") == "ready":
             return status
         return setup.unlock(device, passwords.get("master", new=False), session.link)
+
+
+def reset_windows(session: Session, passwords: Passwords) -> dict[str, Any]:
+    """Empty the rules' spending windows on the device (asks for the master password)."""
+    conn, device = session.open()
+    with conn:
+        return device.call("reset-windows", secrets={"master": passwords.get("master", new=False)})
 
 
 def status(session: Session) -> dict[str, Any]:

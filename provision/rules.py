@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from pathlib import Path
 
 import jinja2
 
 from clef_armory.config import REPO_ROOT
 from clef_armory.errors import ConfigError
-from provision.policy import Policy
+from provision.policy import Policy, describe, rules_data
 
 TEMPLATE = REPO_ROOT / "overlay" / "var" / "lib" / "clef-armory" / "rules.js.j2"
 
@@ -22,13 +24,10 @@ def render(policy: Policy, policy_name: str = "policy.yaml") -> str:
         autoescape=False,  # noqa: S701 - JavaScript, values go through |tojson
     )
     return env.get_template(TEMPLATE.name).render(
-        policy_name=Path(policy_name).name,
-        chain_ids=list(policy.chain_ids),
-        recipients=list(policy.recipients),
-        max_value_wei=str(policy.max_value_wei),
-        origins=list(policy.origins),
-        allow_no_origin=policy.allow_no_origin,
-        allow_text_signing=policy.allow_text_signing,
+        policy_name=re.sub(r"[^\x20-\x7e]", "?", Path(policy_name).name),  # it lands in a JS comment
+        version=policy.version,
+        summary=describe(policy),
+        policy_json=json.dumps(rules_data(policy), indent=1, sort_keys=True),
     )
 
 

@@ -72,11 +72,13 @@ def test_rules_render_carries_the_policy_and_is_stable() -> None:
     p = policy.parse({"recipients": [ADDR], "max_value_wei": 123, "origins": ["https://app.example"],
                       "allow_text_signing": True, "chain_ids": [5]})
     text = rules.render(p, "my-policy.yaml")
-    assert f'["{ADDR.lower()}"]' in text
-    assert 'new BigNumber("123", 10)' in text
-    assert '["https://app.example"]' in text
-    assert "ALLOW_TEXT_SIGNING = true" in text and "[5]" in text
+    data = json.loads(text.split("var POLICY = ", 1)[1].split(";\n", 1)[0])
+    assert data["global"]["recipients"] == [ADDR.lower()]
+    assert data["global"]["max_value_wei"] == "123"
+    assert data["origins"] == ["https://app.example"]
+    assert data["global"]["allow_text_signing"] is True and data["chain_ids"] == [5]
     assert "my-policy.yaml" in text
+    assert "//   value per transaction: at most 0.000000000000000123 ETH" in text  # the header in words
     assert rules.render(p, "my-policy.yaml") == text
     assert rules.sha256(text) == hashlib.sha256(text.encode()).hexdigest()
     for fn in ("ApproveTx", "ApproveSignData", "ApproveListing"):
@@ -99,6 +101,10 @@ def test_agent_config_renders_from_the_overlay_template() -> None:
     pol = policy.parse({"recipients": [ADDR], "origins": ["https://app.example"]})
     cfg2 = agent_config.from_mapping(tomllib.loads(agentconfig.render(DEFAULT, 1, pol)))
     assert cfg2.policy.origins == ("https://app.example",) and cfg2.policy.cors
+    calls = [{"contract": ADDR, "functions": ["deposit(uint256)"]}]
+    pol3 = policy.parse({"recipients": [ADDR], "calls": calls})
+    cfg3 = agent_config.from_mapping(tomllib.loads(agentconfig.render(DEFAULT, 1, pol3)))
+    assert cfg3.eth.method_signatures == ("deposit(uint256)",)  # Clef's validator learns the policy's calls
 
 
 def test_rules_file_must_look_like_rules(tmp_path: Path) -> None:
@@ -400,3 +406,81 @@ def test_provision_task_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: password file {pw} has mode 0644; it must be 0600 "
                                                 f"(chmod 600 {pw})"]
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"recipients": [ADDR], "max_gas": 20000}, "max_gas must be an integer from 21000"),
+        ({"recipients": [ADDR], "max_fee_per_gas_gwei": "0"}, "above 0"),
+        ({"recipients": [ADDR], "limits": [{"window": "1w", "max_eth": "1"}]}, "30s, 15m, 24h or 7d"),
+        ({"recipients": [ADDR], "limits": [{"window": "1h"}]}, "needs max_eth or max_tx"),
+        ({"recipients": [ADDR], "calls": [{"erc20": {"token": ADDR, "max_amount": "1"}}]}, "decimals"),
+        ({"recipients": [ADDR], "calls": [{"contract": ADDR, "functions": ["approve(address,uint256)"]}]},
+         "grants an allowance"),
+        ({"recipients": [ADDR], "calls": [{"contract": ADDR, "functions": ["swap(bytes)"]}]},
+         "cannot be checked strictly"),
+        ({"recipients": [ADDR],
+          "calls": [{"erc20": {"token": ADDR, "decimals": 6, "approve": [{"spender": ADDR}]}}]},
+         "spender and max_amount"),
+        ({"recipients": [ADDR], "typed_data": [{"verifying_contract": ADDR, "primary_type": "PermitBatch"}]},
+         "give its spender"),
+        ({"recipients": [ADDR], "qubes": {"bad name": {}}}, "qube name"),
+        ({"recipients": [ADDR], "qubes": {"work": {"origins": []}}}, "unknown key"),
+        ({"max_value_eth": "1"}, "allows nothing"),
+        ({"recipients": [ADDR], "version": 3}, "version must be 1 or 2"),
+    ],
+)  # fmt: skip
+def test_policy_v2_errors_are_one_line(doc: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        policy.parse(doc)
+    assert "\n" not in str(e.value)
+
+
+def test_v1_file_gets_fee_defaults_and_v2_keys_parse() -> None:
+    v1 = policy.parse({"recipients": [ADDR], "max_value_eth": "0.05"})
+    assert v1.version == 1 and v1.max_gas == 100_000 and v1.max_fee_per_gas_wei == 200 * 10**9
+    assert not v1.allow_create and v1.limits == () and v1.qubes == ()
+    v2 = policy.parse({
+        "recipients": [ADDR], "max_fee_per_gas_gwei": "1.5", "limits": [{"window": "24h", "max_eth": "0.5"},
+                                                                     {"window": "1h", "max_tx": 5}],
+        "calls": [{"erc20": {"token": ADDR, "decimals": 6, "transfer_to": [ADDR], "max_amount": "100.5"}}],
+        "qubes": {"work": {"max_value_eth": "0.01"}},
+    })  # fmt: skip
+    assert v2.max_fee_per_gas_wei == 1_500_000_000
+    assert v2.limits == (policy.Limit(86400, 5 * 10**17, None), policy.Limit(3600, None, 5))
+    assert v2.erc20[0].max_units == 100_500_000
+    (name, scope), = v2.qubes
+    assert name == "work" and scope.max_value_wei == 10**16 and scope.recipients is None
+
+
+def test_nothing_on_the_link_can_set_the_device_clock() -> None:
+    """The spending windows trust the device's system clock: no time service in the image, none offered
+    on the link, and the agent (and Clef under it) may not set it."""
+    from image.rootfs import PACKAGES
+
+    time_services = {"systemd-timesyncd", "chrony", "ntp", "ntpsec", "openntpd", "fake-hwclock", "ntpdate"}
+    assert not time_services & set(PACKAGES)
+    overlay = Path(rules.TEMPLATE).parents[3]
+    assert "EmitNTP=no" in (overlay / "etc/systemd/network/10-usb0.network.j2").read_text()
+    assert "ProtectClock=yes" in (overlay / "etc/systemd/system/clef-armory-agent.service.j2").read_text()
+    text = rules.render(policy.parse({"recipients": [ADDR], "limits": [{"window": "24h", "max_tx": 1}]}))
+    assert "new Date().getTime()" in text and "Math.max(0, wall - clock.w)" in text  # never backwards
+
+
+def test_provision_shows_the_sample_table_before_it_connects(tmp_path: Path) -> None:
+    from provision import commands
+
+    pol_file = tmp_path / "policy.yaml"
+    pol_file.write_text(json.dumps({"recipients": [ADDR]}))
+    said: list[str] = []
+
+    class Unreachable(commands.Session):
+        def open(self) -> Any:
+            said.append("connect")
+            raise ConfigError("no device in this test")
+
+    inputs = commands.ProvisionInputs(policy_file=pol_file, sample_check=lambda p, name: f"table for {name}")
+    with pytest.raises(ConfigError, match="no device"):
+        commands.provision(Unreachable(target=None), Passwords(None), inputs, said.append)  # type: ignore[arg-type]
+    assert said == ["table for policy.yaml", "connect"]
