@@ -6,7 +6,7 @@ the real Clef on usb0 = 10.0.0.1), `armory` is the armory qube (the other end of
 only loopback, each running the rendered proxy on 127.0.0.1:8550 with a `qrexec-client-vm` on
 its PATH that is the stand-in (tests/qrexec_standin.py) told which qube it is. dom0's policy is
 the file `qubes-policy` generates: work and other are allowed, stranger is not. Clef's rules
-(test-only, like the policy's `qubes:` section) let qube work sign and refuse qube other.
+(rendered from a signing policy with a `qubes:` section) let qube work sign and refuse qube other.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from eth_account.messages import encode_defunct
 from web3 import HTTPProvider, Web3
 from web3.exceptions import Web3RPCError
 
+from provision import policy as signing_policy
+from provision import rules
 from qubes import policy
 from qubes.files import QubesConfig, write_all
 from tests.agent_helpers import (
@@ -53,22 +55,18 @@ SERVICE_PATH = "usr/local/etc/qubes-rpc/clefarmory.Sign"
 DAPP_QUBES = ("work", "other", "stranger")
 PROXY_TIMEOUT = 5.0
 
-# Test-only rules standing in for the policy's `qubes:` section: Clef's rules see the qube only
-# in req.meta["User-Agent"], which the agent sets to "clef-armory-agent qube=NAME".
-RULES = """\
-function qubeOf(req) {
-  var m = / qube=([A-Za-z0-9_.-]+)$/.exec(req.meta["User-Agent"] || "");
-  return m ? m[1] : "";
+# The signing policy, rendered into rules.js as provisioning does: both dapp qubes are named (both
+# may list accounts), work may sign text, other's section narrows that away. Clef's rules see the qube
+# only in req.meta["User-Agent"], which the agent sets to "clef-armory-agent qube=NAME".
+SIGNING_POLICY = {
+    "version": 2,
+    "chain_ids": [1],
+    "origins": [ORIGIN],
+    "allow_no_origin": True,
+    "allow_text_signing": True,
+    "qubes": {"work": {}, "other": {"allow_text_signing": False}},
 }
-function ApproveListing(req) { return "Approve" }
-function ApproveSignData(req) {
-  if (qubeOf(req) == "work" && req.content_type == "text/plain") { return "Approve" }
-  return "Reject"
-}
-function ApproveTx(req) { return "Reject" }
-function OnSignerStartup(info) {}
-function OnApprovedTx(resp) {}
-"""
+RULES = rules.render(signing_policy.parse(SIGNING_POLICY), "qubes-test-policy.yaml")
 
 # Stand-in test services in the armory qube (looked up like qrexec does).
 ENV_SERVICE = """#!/usr/bin/python3
