@@ -245,10 +245,16 @@ class Wallet:
         local = [not _well_formed(c) or c.get("method") in LOCAL_METHODS for c in calls]
         if not any(local):
             try:
-                return await self.node.post(body)
+                status, answer = await self.node.post(body)
+                if answer.strip():  # (notifications alone get an empty answer)
+                    json.loads(answer)  # the node's bytes go back unchanged, but only if they are JSON
+                return status, answer
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                failure = self.node.unavailable("answered something that is not JSON-RPC")
             except RpcFailure as e:
-                errors = [_error(c.get("id"), e) for c in calls]
-                return 502, _dump(errors if isinstance(parsed, list) else errors[0])
+                failure = e
+            errors = [_error(c.get("id"), failure) for c in calls]
+            return 502, _dump(errors if isinstance(parsed, list) else errors[0])
         reads = [c for c, is_local in zip(calls, local, strict=True) if not is_local]
         forwarded, answered = await asyncio.gather(
             self.forward_some(reads) if reads else _none(),
