@@ -45,34 +45,36 @@ from tests.wallet_helpers import rpc as node_rpc
 
 pytestmark = pytest.mark.integration
 
+Armory = tuple[AgentProcess, ClefState]
+
 CHAIN_ID = 1337  # geth --dev's; anvil is started with it too, so one armory serves both nodes
 RECIPIENT = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 CONTRACT = "0xC0FfEE0000000000000000000000000000C0FfEE"  # the Counter the rules allow calls to
 OUTSIDE = "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359"  # a recipient the rules do not allow
 CAP_WEI = 10**18
 
-RULES = """\
+RULES = f"""\
 // Test rules: one recipient, calls to one contract, contract creation, at most 1 ether.
-var RECIPIENT = "%s";
-var CONTRACT = "%s";
-var CAP = new BigNumber("%d", 10);
-function big(hex) { return new BigNumber(String(hex || "0x0").replace(/^0x/i, "") || "0", 16) }
-function ApproveListing(req) { return "Approve" }
-function ApproveTx(req) {
+var RECIPIENT = "{RECIPIENT.lower()}";
+var CONTRACT = "{CONTRACT.lower()}";
+var CAP = new BigNumber("{CAP_WEI}", 10);
+function big(hex) {{ return new BigNumber(String(hex || "0x0").replace(/^0x/i, "") || "0", 16) }}
+function ApproveListing(req) {{ return "Approve" }}
+function ApproveTx(req) {{
   var tx = req.transaction;
-  if (big(tx.value).greaterThan(CAP)) { return "Reject" }
-  if (!tx.to) { return "Approve" }
+  if (big(tx.value).greaterThan(CAP)) {{ return "Reject" }}
+  if (!tx.to) {{ return "Approve" }}
   var to = String(tx.to).toLowerCase();
-  if (to === RECIPIENT || to === CONTRACT) { return "Approve" }
+  if (to === RECIPIENT || to === CONTRACT) {{ return "Approve" }}
   return "Reject";
-}
-function ApproveSignData(req) {
-  if (req.content_type == "text/plain" || req.content_type == "data/typed") { return "Approve" }
+}}
+function ApproveSignData(req) {{
+  if (req.content_type == "text/plain" || req.content_type == "data/typed") {{ return "Approve" }}
   return "Reject";
-}
-function OnSignerStartup(info) {}
-function OnApprovedTx(resp) {}
-""" % (RECIPIENT.lower(), CONTRACT.lower(), CAP_WEI)
+}}
+function OnSignerStartup(info) {{}}
+function OnApprovedTx(resp) {{}}
+"""
 
 
 # --- fixtures: tools, the armory, the nodes, the wallet ---
@@ -96,7 +98,7 @@ def counter(scripts: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def armory(clef_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProcess, ClefState]]:
+def armory(clef_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Armory]:
     """The real agent with real Clef on loopback, for chain 1337, with the test rules, unlocked."""
     root = tmp_path_factory.mktemp("wallet-armory")
     state = make_clef_state(clef_binary, root / "state", rules_text=None)
@@ -116,7 +118,7 @@ def armory_url(agent: AgentProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def anvil(wallet_tools: Path, counter: dict[str, Any], armory: tuple[AgentProcess, ClefState],
+def anvil(wallet_tools: Path, counter: dict[str, Any], armory: Armory,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     node = Node.anvil(wallet_tools, CHAIN_ID, tmp_path_factory.mktemp("anvil") / "anvil.log")
     try:
@@ -132,7 +134,7 @@ def settings_for(node_url: str, agent: AgentProcess, **extra: Any) -> WalletSett
 
 
 @pytest.fixture(scope="module")
-def wallet(anvil: Node, armory: tuple[AgentProcess, ClefState]) -> Iterator[WalletThread]:
+def wallet(anvil: Node, armory: Armory) -> Iterator[WalletThread]:
     with running_wallet(settings_for(anvil.url, armory[0])) as w:
         yield w
 
@@ -164,7 +166,8 @@ def signed_calls(agent: AgentProcess) -> int:
 
 def rpc_error(url: str, method: str, params: list[Any], **kw: Any) -> dict[str, Any]:
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    _status, body = rpc(host, int(port), {"jsonrpc": "2.0", "id": 7, "method": method, "params": params}, **kw)
+    payload = {"jsonrpc": "2.0", "id": 7, "method": method, "params": params}
+    _status, body = rpc(host, int(port), payload, **kw)
     assert "error" in body, body
     return dict(body["error"])
 
@@ -172,7 +175,7 @@ def rpc_error(url: str, method: str, params: list[Any], **kw: Any) -> dict[str, 
 # --- the clients ---
 
 
-def test_cast_send_unlocked(wallet: WalletThread, anvil: Node, armory: tuple[AgentProcess, ClefState],
+def test_cast_send_unlocked(wallet: WalletThread, anvil: Node, armory: Armory,
                             wallet_tools: Path) -> None:
     me = armory[1].address
     receipt = cast(wallet_tools, "send", "--unlocked", "--from", me, "--rpc-url", wallet.url, RECIPIENT,
@@ -184,7 +187,7 @@ def test_cast_send_unlocked(wallet: WalletThread, anvil: Node, armory: tuple[Age
                text.endswith(receipt["transactionHash"]) for text in wallet.lines)
 
 
-def test_cast_send_create_with_solc_js(wallet: WalletThread, anvil: Node, armory: tuple[AgentProcess, ClefState],
+def test_cast_send_create_with_solc_js(wallet: WalletThread, anvil: Node, armory: Armory,
                                        wallet_tools: Path, counter: dict[str, Any]) -> None:
     me = armory[1].address
     receipt = cast(wallet_tools, "send", "--unlocked", "--from", me, "--rpc-url", wallet.url, "--create",
@@ -195,7 +198,7 @@ def test_cast_send_create_with_solc_js(wallet: WalletThread, anvil: Node, armory
 
 
 def test_web3_send_transaction_and_contract_transact(wallet: WalletThread, anvil: Node,
-                                                     armory: tuple[AgentProcess, ClefState],
+                                                     armory: Armory,
                                                      counter: dict[str, Any]) -> None:
     me = armory[1].address
     w3 = Web3(HTTPProvider(wallet.url, request_kwargs={"timeout": 120}))
@@ -211,7 +214,7 @@ def test_web3_send_transaction_and_contract_transact(wallet: WalletThread, anvil
     assert contract.functions.count().call() == before + 5
 
 
-def test_ethers_and_viem(wallet: WalletThread, anvil: Node, armory: tuple[AgentProcess, ClefState],
+def test_ethers_and_viem(wallet: WalletThread, anvil: Node, armory: Armory,
                          scripts: Path) -> None:
     me = armory[1].address
     report = run_node_script(scripts, "clients.mjs", {"url": wallet.url, "from": me, "to": RECIPIENT,
@@ -223,7 +226,7 @@ def test_ethers_and_viem(wallet: WalletThread, anvil: Node, armory: tuple[AgentP
 
 
 def test_five_parallel_sends_from_two_clients(wallet: WalletThread, anvil: Node,
-                                              armory: tuple[AgentProcess, ClefState], scripts: Path) -> None:
+                                              armory: Armory, scripts: Path) -> None:
     me = armory[1].address
     w3 = Web3(HTTPProvider(wallet.url, request_kwargs={"timeout": 120}))
 
@@ -251,9 +254,9 @@ def test_five_parallel_sends_from_two_clients(wallet: WalletThread, anvil: Node,
 
 @pytest.mark.parametrize(("to", "value"), [(OUTSIDE, 1), (RECIPIENT, CAP_WEI + 1)], ids=["recipient", "cap"])
 def test_policy_refusal_is_4001_and_nothing_is_broadcast(wallet: WalletThread, anvil: Node,
-                                                         armory: tuple[AgentProcess, ClefState],
+                                                         armory: Armory,
                                                          to: str, value: int) -> None:
-    agent, state = armory
+    _agent, state = armory
     w3 = Web3(HTTPProvider(wallet.url, request_kwargs={"timeout": 120}))
     nonce = w3.eth.get_transaction_count(state.address, "pending")
     block = w3.eth.block_number
@@ -272,7 +275,7 @@ def test_policy_refusal_is_4001_and_nothing_is_broadcast(wallet: WalletThread, a
 
 
 def test_chain_id_mismatch_signs_nothing(wallet: WalletThread, anvil: Node,
-                                         armory: tuple[AgentProcess, ClefState]) -> None:
+                                         armory: Armory) -> None:
     agent, state = armory
     before = signed_calls(agent)
     node_rpc(anvil.url, "anvil_setChainId", [31337])
@@ -280,7 +283,8 @@ def test_chain_id_mismatch_signs_nothing(wallet: WalletThread, anvil: Node,
         err = rpc_error(wallet.url, "eth_sendTransaction", [{"from": state.address, "to": RECIPIENT,
                                                               "value": "0x1"}])
         assert err["code"] == -32021
-        assert "node at" in err["message"] and "chain 31337" in err["message"] and "chain 1337" in err["message"]
+        assert "node at" in err["message"] and "chain 31337" in err["message"]
+        assert "the armory signs for chain 1337" in err["message"]
         assert rpc_error(wallet.url, "eth_chainId", [])["code"] == -32021
     finally:
         node_rpc(anvil.url, "anvil_setChainId", [CHAIN_ID])
@@ -288,7 +292,7 @@ def test_chain_id_mismatch_signs_nothing(wallet: WalletThread, anvil: Node,
     assert anvil.pending_transactions() == 0
 
 
-def test_locked_armory(wallet: WalletThread, anvil: Node, armory: tuple[AgentProcess, ClefState]) -> None:
+def test_locked_armory(wallet: WalletThread, anvil: Node, armory: Armory) -> None:
     agent, state = armory
     agent.control({"cmd": "lock"})
     try:
@@ -308,17 +312,19 @@ def test_locked_armory(wallet: WalletThread, anvil: Node, armory: tuple[AgentPro
                                                                  "value": 3})).hex(), state.address)
 
 
-def test_unreachable_node(wallet_tools: Path, armory: tuple[AgentProcess, ClefState], tmp_path: Path) -> None:
+def test_unreachable_node(wallet_tools: Path, armory: Armory, tmp_path: Path) -> None:
     agent, state = armory
     node = Node.anvil(wallet_tools, CHAIN_ID, tmp_path / "anvil.log")
     before = signed_calls(agent)
     with running_wallet(settings_for(node.url, agent)) as w:
         node.stop()
-        err = rpc_error(w.url, "eth_sendTransaction", [{"from": state.address, "to": RECIPIENT, "value": "0x1"}])
+        send = {"from": state.address, "to": RECIPIENT, "value": "0x1"}
+        err = rpc_error(w.url, "eth_sendTransaction", [send])
         assert err["code"] == -32020 and f"node at {node.url} is unreachable" in err["message"]
         assert rpc_error(w.url, "eth_blockNumber", [])["code"] == -32020
         host, port = w.url.removeprefix("http://").rsplit(":", 1)  # the armory's side still answers
-        _status, body = rpc(host, int(port), {"jsonrpc": "2.0", "id": 1, "method": "eth_accounts", "params": []})
+        accounts = {"jsonrpc": "2.0", "id": 1, "method": "eth_accounts", "params": []}
+        _status, body = rpc(host, int(port), accounts)
         assert body["result"] == [state.address]
     assert signed_calls(agent) == before
 
@@ -341,7 +347,7 @@ class _Garbage(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_garbage_node(armory: tuple[AgentProcess, ClefState]) -> None:
+def test_garbage_node(armory: Armory) -> None:
     agent, state = armory
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -357,7 +363,7 @@ def test_garbage_node(armory: tuple[AgentProcess, ClefState]) -> None:
     assert signed_calls(agent) == before
 
 
-def test_start_refuses_a_node_on_another_chain(wallet_tools: Path, armory: tuple[AgentProcess, ClefState],
+def test_start_refuses_a_node_on_another_chain(wallet_tools: Path, armory: Armory,
                                               tmp_path: Path) -> None:
     from clef_armory.errors import WalletError
 
@@ -372,7 +378,7 @@ def test_start_refuses_a_node_on_another_chain(wallet_tools: Path, armory: tuple
 # --- the guard: requests as a browser page would send them ---
 
 
-def test_browser_requests_are_refused(wallet: WalletThread, armory: tuple[AgentProcess, ClefState]) -> None:
+def test_browser_requests_are_refused(wallet: WalletThread, armory: Armory) -> None:
     agent, state = armory
     host, port = wallet.url.removeprefix("http://").rsplit(":", 1)
     call = {"jsonrpc": "2.0", "id": 1, "method": "eth_sendTransaction",
@@ -396,7 +402,7 @@ def test_browser_requests_are_refused(wallet: WalletThread, armory: tuple[AgentP
     assert signed_calls(agent) == before
 
 
-def test_allowed_origin_is_forwarded_to_the_armory(anvil: Node, armory: tuple[AgentProcess, ClefState]) -> None:
+def test_allowed_origin_is_forwarded_to_the_armory(anvil: Node, armory: Armory) -> None:
     """The wallet may allow an origin; the armory still sees it (and its own policy refuses it here)."""
     agent, state = armory
     with running_wallet(settings_for(anvil.url, agent, origins=("https://app.example",))) as w:
@@ -413,7 +419,7 @@ def test_allowed_origin_is_forwarded_to_the_armory(anvil: Node, armory: tuple[Ag
 # --- geth --dev as the node ---
 
 
-def test_geth_dev(geth_binary: Path, wallet_tools: Path, armory: tuple[AgentProcess, ClefState],
+def test_geth_dev(geth_binary: Path, wallet_tools: Path, armory: Armory,
                   counter: dict[str, Any], tmp_path: Path) -> None:
     agent, state = armory
     node = Node.geth_dev(geth_binary, tmp_path / "geth", tmp_path / "geth.log")
@@ -440,7 +446,7 @@ def test_geth_dev(geth_binary: Path, wallet_tools: Path, armory: tuple[AgentProc
 # --- every transaction the armory's account made on anvil: no gaps ---
 
 
-def test_anvil_nonces_have_no_gaps(wallet: WalletThread, anvil: Node, armory: tuple[AgentProcess, ClefState]) -> None:
+def test_anvil_nonces_have_no_gaps(wallet: WalletThread, anvil: Node, armory: Armory) -> None:
     me = armory[1].address
     sent = [r.tx_hash for r in wallet.records if r.tx_hash]
     nonces = sorted(nonce_of(anvil, h) for h in sent)
