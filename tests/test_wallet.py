@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
+import shlex
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,11 +27,13 @@ from web3.exceptions import Web3RPCError
 from clef_armory import config
 from clef_armory.config import WalletSettings
 from tests.agent_helpers import (
+    REPO,
     AgentProcess,
     ClefState,
     attest_rules,
     free_port,
     make_clef_state,
+    require_tool,
     rpc,
     running_agent,
     write_agent_config,
@@ -443,12 +449,91 @@ def test_geth_dev(geth_binary: Path, wallet_tools: Path, armory: Armory,
         node.stop()
 
 
-# --- every transaction the armory's account made on anvil: no gaps ---
+# --- docs/clients.md's commands as written (only the node, wallet and armory addresses differ) ---
+
+DOC_NODE, DOC_WALLET = "http://127.0.0.1:8545", "http://127.0.0.1:8552"
 
 
-def test_anvil_nonces_have_no_gaps(wallet: WalletThread, anvil: Node, armory: Armory) -> None:
-    me = armory[1].address
-    sent = [r.tx_hash for r in wallet.records if r.tx_hash]
-    nonces = sorted(nonce_of(anvil, h) for h in sent)
+def doc_blocks() -> dict[str, list[str]]:
+    """The fenced blocks of the `./do wallet` section of docs/clients.md, by sub-heading."""
+    text = (REPO / "docs" / "clients.md").read_text()
+    section = text[text.index("## Sending through `./do wallet`"):]
+    out: dict[str, list[str]] = {}
+    heading = ""
+    for part in re.split(r"^(### .+)$", section, flags=re.MULTILINE):
+        if part.startswith("### "):
+            heading = part[4:].strip()
+            continue
+        out.setdefault(heading, []).extend(re.findall(r"^```(?:sh|python|js)\n(.*?)^```", part,
+                                                      flags=re.MULTILINE | re.DOTALL))
+    return out
+
+
+def _hash(output: str) -> str:
+    found = re.findall(r"0x[0-9a-f]{64}", output)
+    assert found, output
+    return found[-1]
+
+
+def test_docs_commands_as_written(anvil: Node, armory: Armory, wallet_tools: Path, scripts: Path,
+                                  counter: dict[str, Any]) -> None:
+    agent, state = armory
+    blocks = doc_blocks()
+    start = shlex.split(blocks[""][0].strip())
+    assert start[:2] == ["./do", "wallet"]
+    wallet_url = f"http://127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "invoke", *start[1:], "--listen", wallet_url.removeprefix("http://"),
+            "--armory", armory_url(agent)]
+    argv = [a.replace(DOC_NODE, anvil.url) for a in argv]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        while not any(x.startswith("wallet: ") for x in lines):
+            lines.append(proc.stdout.readline())
+            assert lines[-1] or proc.poll() is None, "".join(lines)
+
+        def ours(text: str) -> str:
+            return (text.replace(DOC_WALLET, wallet_url).replace("0xYOURADDRESS", state.address)
+                    .replace("0xBYTECODE", counter["bytecode"]))
+
+        hashes = []
+        for command in blocks["cast"][0].strip().splitlines():
+            cast_argv = shlex.split(ours(command))
+            assert cast_argv[0] == "cast"
+            done = subprocess.run([str(wallet_tools / ".bin" / "cast"), *cast_argv[1:]], capture_output=True,
+                                  text=True, timeout=120, check=False)
+            assert done.returncode == 0, done.stderr
+            hashes.append(_hash(done.stdout))
+        done = subprocess.run([sys.executable, "-c", ours(blocks["web3.py"][0])], capture_output=True,
+                              text=True, timeout=120, check=False, cwd=REPO)
+        assert done.returncode == 0 and done.stdout.startswith("1 0x"), done.stderr
+        hashes.append(_hash(done.stdout))
+        for name, heading, ok in (("doc_ethers.mjs", "ethers.js (v6)", "1 0x"), ("doc_viem.mjs", "viem",
+                                                                                  "success 0x")):
+            (scripts / name).write_text(ours(blocks[heading][0]))
+            done = subprocess.run([require_tool("node"), str(scripts / name)], capture_output=True, text=True,
+                                  timeout=120, check=False, cwd=scripts)
+            assert done.returncode == 0 and done.stdout.startswith(ok), done.stderr
+            hashes.append(_hash(done.stdout))
+        receipts = [checked_receipt(anvil, h, state.address) for h in hashes]
+        assert receipts[1]["contractAddress"] and receipts[0]["to"].lower() == RECIPIENT.lower()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output
+    assert output.count(", sent 0x") == 5 and output.rstrip().endswith("wallet stopped"), output
+
+
+# --- every transaction the armory's account made on anvil, by any wallet in this module: no gaps ---
+
+
+def test_anvil_nonces_have_no_gaps(anvil: Node, armory: Armory) -> None:
+    me = armory[1].address.lower()
+    nonces = []
+    for number in range(int(node_rpc(anvil.url, "eth_blockNumber"), 16) + 1):
+        block = node_rpc(anvil.url, "eth_getBlockByNumber", [hex(number), True])
+        nonces += [int(tx["nonce"], 16) for tx in block["transactions"] if tx["from"].lower() == me]
     count = int(node_rpc(anvil.url, "eth_getTransactionCount", [me, "latest"]), 16)
-    assert nonces == list(range(count)), nonces
+    assert nonces == list(range(count)) and count >= 5, nonces
