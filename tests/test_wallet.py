@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eth_account import Account
+from eth_account.typed_transactions import TypedTransaction
 from eth_utils.address import to_checksum_address
+from hexbytes import HexBytes
 from web3 import HTTPProvider, Web3
 from web3.exceptions import Web3RPCError
 
@@ -253,6 +256,43 @@ def test_five_parallel_sends_from_two_clients(wallet: WalletThread, anvil: Node,
     assert nonces == list(range(nonces[0], nonces[0] + 5)), nonces
     for h in hashes:
         checked_receipt(anvil, h, me)
+
+
+def test_sign_transaction_fills_but_neither_sends_nor_reserves_the_nonce(wallet: WalletThread, anvil: Node,
+                                                                        armory: Armory) -> None:
+    _agent, state = armory
+    host, port = wallet.url.removeprefix("http://").rsplit(":", 1)
+    pending = int(node_rpc(anvil.url, "eth_getTransactionCount", [state.address, "pending"]), 16)
+    call = {"jsonrpc": "2.0", "id": 1, "method": "eth_signTransaction",
+            "params": [{"from": state.address, "to": RECIPIENT, "value": "0x5"}]}
+    _status, body = rpc(host, int(port), call)
+    raw = body["result"]  # the armory's shape, here sign_transaction_result = "raw"
+    assert Account.recover_transaction(raw) == state.address
+    decoded = TypedTransaction.from_bytes(HexBytes(raw)).as_dict()  # what the wallet filled in
+    assert decoded["nonce"] == pending and decoded["chainId"] == CHAIN_ID
+    assert decoded["gas"] == 21000 and decoded["maxFeePerGas"] > decoded["maxPriorityFeePerGas"] > 0
+    assert anvil.pending_transactions() == 0
+    assert wallet.lines[-1].endswith("not sent")
+    w3 = Web3(HTTPProvider(wallet.url, request_kwargs={"timeout": 120}))
+    sent = w3.eth.send_transaction({"from": state.address, "to": RECIPIENT, "value": 6})
+    assert nonce_of(anvil, "0x" + bytes(sent).hex()) == pending
+
+
+def test_batches_mix_node_and_armory_calls(wallet: WalletThread, anvil: Node, armory: Armory) -> None:
+    _agent, state = armory
+    host, port = wallet.url.removeprefix("http://").rsplit(":", 1)
+    batch = [{"jsonrpc": "2.0", "id": "a", "method": "eth_blockNumber", "params": []},
+             {"jsonrpc": "2.0", "id": "b", "method": "eth_accounts", "params": []},
+             {"jsonrpc": "2.0", "id": "c", "method": "eth_chainId", "params": []},
+             {"jsonrpc": "2.0", "id": "d", "method": "eth_getBalance", "params": [state.address, "latest"]},
+             {"jsonrpc": "2.0", "method": "eth_blockNumber", "params": []},  # a notification: no answer
+             {"jsonrpc": "2.0", "id": "e", "method": "no_such_method", "params": []}]
+    _status, body = rpc(host, int(port), batch)
+    by_id = {r["id"]: r for r in body}
+    assert sorted(by_id) == ["a", "b", "c", "d", "e"]
+    assert by_id["b"]["result"] == [state.address] and by_id["c"]["result"] == hex(CHAIN_ID)
+    assert int(by_id["d"]["result"], 16) > 0 and by_id["a"]["result"].startswith("0x")
+    assert by_id["e"]["error"]["code"] == -32601  # the node's own answer
 
 
 # --- refusals: one clear error each, nothing signed that was not sent, the endpoint keeps serving ---
