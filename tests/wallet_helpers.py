@@ -62,7 +62,12 @@ def rpc(url: str, method: str, params: Sequence[Any] = (), timeout: float = 30) 
 def wait_receipt(url: str, tx_hash: str, timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        receipt = rpc(url, "eth_getTransactionReceipt", [tx_hash])
+        try:
+            receipt = rpc(url, "eth_getTransactionReceipt", [tx_hash])
+        except RuntimeError as e:  # a fresh geth --dev: "transaction indexing is in progress" for a while
+            if "indexing is in progress" not in str(e):
+                raise
+            receipt = None
         if receipt is not None:
             return dict(receipt)
         time.sleep(0.1)
