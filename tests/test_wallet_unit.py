@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from clef_armory import config
+from clef_armory.config import REPO_ROOT
 from clef_armory.errors import ConfigError
 from wallet import fill, server
 from wallet.guard import Guard, GuardError
@@ -196,3 +199,20 @@ def test_one_line_per_send() -> None:
     record = server.SendRecord(ME, None, 10**16, 21 * GWEI, "signed in 5 ms, sent", "0xabc", 9.0, 5.0)
     assert server.line(record, True) == (f"send {ME} -> a new contract, 0.01 ETH, fee cap 21 gwei: "
                                          "signed in 5 ms, sent 0xabc")
+
+
+# --- the task: one line, exit 1 ---
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ([], "error: the wallet needs a node: pass --rpc URL (e.g. http://127.0.0.1:8545)"),
+    (["--rpc", "http://127.0.0.1:9", "--listen", "0.0.0.0:8552"],
+     "error: --listen 0.0.0.0:8552 is not a loopback address: add --public to serve other machines (anyone "
+     "who reaches it can ask the armory to sign)"),
+    (["--rpc", "http://127.0.0.1:9"], "error: node at http://127.0.0.1:9 is unreachable (connect call failed "
+     "('127.0.0.1', 9)): start the node or pass --rpc URL"),
+])
+def test_wallet_task_errors_are_one_line(flags: list[str], message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "invoke", "wallet", *flags], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1 and result.stderr.strip() == message and result.stdout == ""
