@@ -5,6 +5,8 @@ node by its receipt. Refusals leave nothing signed that was not sent, and the en
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import http.server
 import json
 import re
@@ -106,20 +108,26 @@ def counter(scripts: Path) -> dict[str, Any]:
     return dict(run_node_script(scripts, "compile.mjs"))
 
 
-@pytest.fixture(scope="module")
-def armory(clef_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Armory]:
-    """The real agent with real Clef on loopback, for chain 1337, with the test rules, unlocked."""
-    root = tmp_path_factory.mktemp("wallet-armory")
+@contextlib.contextmanager
+def an_armory(clef_binary: Path, root: Path, shape: str) -> Iterator[Armory]:
+    """The real agent with real Clef on loopback, for chain 1337, with the test rules, unlocked;
+    `shape` is its [eth] sign_transaction_result."""
     state = make_clef_state(clef_binary, root / "state", rules_text=None)
     attest_rules(clef_binary, state.state_dir, RULES, state.master_password)
     cfg_path = root / "agent.json"
     cfg = write_agent_config(cfg_path, clef_binary, state.state_dir)
     cfg["clef"]["chain_id"] = CHAIN_ID
-    cfg["eth"] = {"sign_transaction_result": "raw", "method_signatures": ["bump(uint256)"]}
+    cfg["eth"] = {"sign_transaction_result": shape, "method_signatures": ["bump(uint256)"]}
     cfg_path.write_text(json.dumps(cfg, indent=2))
     with running_agent(cfg_path) as agent:
         assert agent.unlock_cli(state.master_password).returncode == 0
         yield agent, state
+
+
+@pytest.fixture(scope="module")
+def armory(clef_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Armory]:
+    with an_armory(clef_binary, tmp_path_factory.mktemp("wallet-armory"), "raw") as both:
+        yield both
 
 
 def armory_url(agent: AgentProcess) -> str:
@@ -458,8 +466,29 @@ def test_allowed_origin_is_forwarded_to_the_armory(anvil: Node, armory: Armory) 
         assert status == 200 and body["error"] == {"code": -32003, "message": "Origin not allowed"}
         agent.wait_for(lambda: any(x["origin"] == "https://app.example" for x in agent.rpc_lines()), 10,
                        "the armory audited the forwarded Origin")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)  # a browser's CORS preflight
+        conn.request("OPTIONS", "/", headers={"Host": f"{host}:{port}", "Origin": "https://app.example",
+                                              "Access-Control-Request-Method": "POST"})
+        preflight = conn.getresponse()
+        assert preflight.status == 204
+        assert preflight.getheader("Access-Control-Allow-Origin") == "https://app.example"
+        conn.close()
         status, body = rpc(host, int(port), call)  # without one, the signature is made
         assert status == 200 and len(body["result"]) == 132
+
+
+def test_an_armory_answering_objects(clef_binary: Path, anvil: Node, tmp_path: Path) -> None:
+    """sign_transaction_result = "object" (geth's {raw, tx}): sends work the same, and web3.py's own
+    sign_transaction, which expects that shape, gets it through the wallet."""
+    with an_armory(clef_binary, tmp_path, "object") as (agent, state):
+        node_rpc(anvil.url, "anvil_setBalance", [state.address, hex(10**19)])
+        with running_wallet(settings_for(anvil.url, agent)) as w:
+            w3 = Web3(HTTPProvider(w.url, request_kwargs={"timeout": 120}))
+            sent = w3.eth.send_transaction({"from": state.address, "to": RECIPIENT, "value": 7})
+            checked_receipt(anvil, "0x" + bytes(sent).hex(), state.address)
+            signed = w3.eth.sign_transaction({"from": state.address, "to": RECIPIENT, "value": 8})  # type: ignore[typeddict-item]
+            assert Account.recover_transaction(bytes(signed["raw"])) == state.address
+            assert signed["tx"]["nonce"] == 1 and anvil.pending_transactions() == 0
 
 
 # --- geth --dev as the node ---
