@@ -7,8 +7,9 @@ would put a key on the command line, which the project never does), and `cast se
 from the armory's account through the wallet. Both use `--async` (no receipt polling in the timing).
 
 Prints p50/p99 of each, their ratio, the armory's time as the wallet saw it (its round trip to the
-agent) and as Clef's audit log shows it, and the wallet's own overhead per send: the wallet's
-handling time minus its armory round trip. Target (issue 13): overhead p50 <= 10 ms.
+agent) and as Clef's audit log shows it, what a forwarded read costs (cast makes several per send),
+and the wallet's own overhead per send: the wallet's handling time of eth_sendTransaction minus its
+armory round trip. Target (issue 13): overhead p50 <= 10 ms.
 
     .venv/bin/python bench/wallet_bench.py [--sends 30]
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import json
 import re
 import statistics
@@ -59,6 +61,23 @@ def cast_send(cast: Path, url: str, sender: str) -> float:
     if proc.returncode != 0:
         raise SystemExit(f"cast send failed: {proc.stderr.strip()[-300:]}")
     return elapsed
+
+
+def read_ms(url: str, count: int) -> list[float]:
+    """eth_blockNumber round trips over one kept-alive connection (what a forwarded read costs)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []})
+    out = []
+    try:
+        for _ in range(count):
+            t0 = time.perf_counter()
+            conn.request("POST", "/", body, {"Content-Type": "application/json", "Host": f"{host}:{port}"})
+            conn.getresponse().read()
+            out.append((time.perf_counter() - t0) * 1000)
+    finally:
+        conn.close()
+    return out
 
 
 def clef_sign_ms(audit_log: Path) -> list[float]:
@@ -112,6 +131,7 @@ def main() -> None:
                         direct.append(cast_send(cast, node.url, local))
                         through.append(cast_send(cast, wallet.url, state.address))
                     records = wallet.records[skip:]
+                    reads_direct, reads_through = read_ms(node.url, 200), read_ms(wallet.url, 200)
                 finally:
                     wallet.stop()
                 clef_ms = clef_sign_ms(state.state_dir / "clef-audit.log")[-args.sends:]
@@ -131,6 +151,8 @@ def main() -> None:
           f"difference {statistics.median(through) - statistics.median(direct):.1f} ms")
     print(f"  armory round trip (agent + Clef) p50 {pct(armory, .5):.1f} ms; "
           f"Clef's audit log, request to response, p50 {pct(clef_ms, .5):.1f} ms")
+    print(f"  a forwarded read (eth_blockNumber): p50 {pct(reads_through, .5):.2f} ms through the wallet, "
+          f"{pct(reads_direct, .5):.2f} ms straight to the node")
     verdict = "meets" if pct(overhead, .5) <= 10 else "MISSES"
     print(f"  wallet's own overhead per send (handling minus armory round trip): "
           f"p50 {pct(overhead, .5):.1f} ms, p99 {pct(overhead, .99):.1f} ms ({verdict} the 10 ms p50 target)")
