@@ -491,6 +491,24 @@ def test_an_armory_answering_objects(clef_binary: Path, anvil: Node, tmp_path: P
             assert signed["tx"]["nonce"] == 1 and anvil.pending_transactions() == 0
 
 
+def test_legacy_fees_on_a_chain_without_base_fee(wallet_tools: Path, armory: Armory, tmp_path: Path) -> None:
+    agent, state = armory
+    node = Node.anvil(wallet_tools, CHAIN_ID, tmp_path / "anvil.log", hardfork="berlin")
+    try:
+        assert "baseFeePerGas" not in node_rpc(node.url, "eth_getBlockByNumber", ["latest", False])
+        node_rpc(node.url, "anvil_setBalance", [state.address, hex(10**19)])
+        with running_wallet(settings_for(node.url, agent)) as w:  # no fee fields: the wallet picks them
+            host, port = w.url.removeprefix("http://").rsplit(":", 1)
+            _status, body = rpc(host, int(port), {"jsonrpc": "2.0", "id": 1, "method": "eth_sendTransaction",
+                                                  "params": [{"from": state.address, "to": RECIPIENT}]})
+            sent = body["result"]
+            checked_receipt(node, sent, state.address)
+        tx = node_rpc(node.url, "eth_getTransactionByHash", [sent])
+        assert tx["type"] == "0x0" and int(tx["gasPrice"], 16) > 0 and "maxFeePerGas" not in tx
+    finally:
+        node.stop()
+
+
 # --- geth --dev as the node ---
 
 

@@ -96,10 +96,10 @@ class Node:
             time.sleep(0.1)
 
     @classmethod
-    def anvil(cls, tools: Path, chain_id: int, log: Path) -> Node:
+    def anvil(cls, tools: Path, chain_id: int, log: Path, hardfork: str = "cancun") -> Node:
         port = free_port()
         return cls([str(tools / ".bin" / "anvil"), "--port", str(port), "--host", "127.0.0.1",
-                    "--chain-id", str(chain_id), "--hardfork", "cancun"], port, log)
+                    "--chain-id", str(chain_id), "--hardfork", hardfork], port, log)
 
     @classmethod
     def geth_dev(cls, geth: Path, datadir: Path, log: Path) -> Node:
