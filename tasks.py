@@ -388,3 +388,26 @@ def qubes_files(c: Context, output: str = "build/qubes") -> None:
 
     for path in write_all(QubesConfig(), Path(output)):
         print(path)
+
+
+@task(
+    auto_shortflags=False,
+    help={
+        "rpc": "The node's JSON-RPC URL for reads and broadcasts, e.g. http://127.0.0.1:8545 (required).",
+        "listen": "HOST:PORT to serve on (default: invoke.yaml, 127.0.0.1:8552; loopback unless --public).",
+        "armory": "The armory's agent (default: invoke.yaml, http://10.0.0.1:8550).",
+        "public": "Allow a --listen address other machines can reach (anyone there can ask for signatures).",
+    },
+)
+@user_errors
+def wallet(c: Context, rpc: str = "", listen: str | None = None, armory: str | None = None,
+           public: bool = False) -> None:
+    """Serve a wallet endpoint on the laptop: fills, has the armory sign, broadcasts (docs/clients.md)."""
+    from clef_armory.config import wallet_from_mapping
+    from wallet import server
+
+    section = c.config.get("wallet", {})
+    settings = wallet_from_mapping({**(dict(section) if section else {}), **{
+        k: v for k, v in {"rpc": rpc or None, "listen": listen, "armory": armory,
+                          "public": True if public else None}.items() if v is not None}})
+    server.run(settings, say=lambda text: print(text, flush=True))

@@ -128,3 +128,116 @@ def load(path: Path = DEFAULTS_FILE, overrides: Mapping[str, Any] | None = None)
         raise ConfigError(f"{path}: 'armory' must be a mapping")
     merged = {**section, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     return from_mapping(merged)
+
+
+# --- `./do wallet` (wallet/): its own section, `wallet:` in invoke.yaml ---
+
+DEFAULT_WALLET_PORT = 8552  # not 8545/8546 (anvil, geth), 8550/8551 (the armory, Clef)
+_ORIGIN_RE = re.compile(r"^https?://[^/\s]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class WalletSettings:
+    """The wallet endpoint's settings; see invoke.yaml's ``wallet:`` section for what each one means."""
+
+    rpc: str = ""
+    listen: str = f"127.0.0.1:{DEFAULT_WALLET_PORT}"
+    armory: str = "http://10.0.0.1:8550"
+    public: bool = False
+    hosts: tuple[str, ...] = ()
+    origins: tuple[str, ...] = ()
+    gas_margin_percent: int = 20
+    node_timeout: float = 30.0
+    sign_timeout: float = 130.0
+
+    def __post_init__(self) -> None:
+        if not self.rpc:
+            raise ConfigError("the wallet needs a node: pass --rpc URL (e.g. http://127.0.0.1:8545)")
+        for name, url in (("rpc", self.rpc), ("armory", self.armory)):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"--{name} {url!r} must be an http:// or https:// URL")
+        host, _port = self.listen_address
+        if not self.public and not _is_loopback(host):
+            raise ConfigError(f"--listen {self.listen} is not a loopback address: add --public to serve "
+                              "other machines (anyone who reaches it can ask the armory to sign)")
+        for origin in self.origins:
+            if not _ORIGIN_RE.match(origin):
+                raise ConfigError(f"origin {origin!r} must look like https://app.example[:port]")
+        if not 0 <= self.gas_margin_percent <= 500:
+            raise ConfigError("gas_margin_percent must be between 0 and 500")
+        if self.node_timeout <= 0 or self.sign_timeout <= 0:
+            raise ConfigError("node_timeout and sign_timeout must be positive (seconds)")
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        """(host, port) of --listen; IPv6 literals are written [::1]:8552."""
+        host, sep, port = self.listen.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--listen {self.listen!r} must be HOST:PORT, "
+                              f"e.g. 127.0.0.1:{DEFAULT_WALLET_PORT}")
+        return host, int(port)
+
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        """Host header values accepted (DNS rebinding): the loopback names with the port, --listen, extras."""
+        host, port = self.listen_address
+        names = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", self.listen.lower()}
+        if ":" in host:
+            names.add(f"[{host}]:{port}")
+        return frozenset(names | {h.lower() for h in self.hosts})
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def wallet_from_mapping(values: Mapping[str, Any]) -> WalletSettings:
+    """WalletSettings from invoke.yaml's ``wallet:`` mapping plus flags (None = not given)."""
+    fields = {f.name: f for f in dataclasses.fields(WalletSettings)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown wallet setting(s): {', '.join(unknown)}")
+    converted: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        default = fields[name].default
+        try:
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError
+                converted[name] = value
+            elif isinstance(default, tuple):
+                items = value.split(",") if isinstance(value, str) else list(value)
+                converted[name] = tuple(str(x).strip() for x in items if str(x).strip())
+            elif isinstance(default, int):
+                converted[name] = int(str(value), 0)
+            elif isinstance(default, float):
+                converted[name] = float(value)
+            else:
+                converted[name] = str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"wallet setting {name} has the wrong type: {value!r}") from None
+    return WalletSettings(**converted)
+
+
+def load_wallet(path: Path = DEFAULTS_FILE, overrides: Mapping[str, Any] | None = None) -> WalletSettings:
+    """Read the ``wallet:`` section of ``path`` and apply ``overrides``."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    section = data.get("wallet") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: 'wallet' must be a mapping")
+    return wallet_from_mapping({**section, **{k: v for k, v in (overrides or {}).items() if v is not None}})

@@ -44,3 +44,7 @@ class HostKeyError(ProvisionError):
 
 class QemuError(ArmoryError):
     """The emulated device (qemu-system-arm) could not be started, reached or stopped."""
+
+
+class WalletError(ArmoryError):
+    """The laptop's wallet endpoint (`./do wallet`) cannot start: its node, its armory or its address."""
