@@ -62,6 +62,8 @@ def test(c: Context, fast: bool = False, k: str = "", lint: bool = True) -> None
         "output": "Output directory; the image goes to <output>/<board>/ (default: build/).",
         "usb_net": "USB network function: ecm (default), rndis or ncm (for Windows hosts).",
         "refresh_rootfs": "Rebuild the cached root filesystem (e.g. after a Debian point release).",
+        "require_security_updates": "Fail when <suite>-security or <suite>-updates cannot be used (default: "
+                                    "build without them, warn loudly, record it in the manifest).",
     },
 )
 @user_errors
@@ -69,8 +71,10 @@ def build_image(c: Context, board: str | None = None, suite: str | None = None,
                 mirror: str | None = None, clef: str | None = None, ssh_key: str | None = None,
                 bootloader: str | None = None, size: str | None = None, output: str | None = None,
                 usb_net: str = "ecm", refresh_rootfs: bool = False, uboot_patch: str | None = None,
-                boot_medium: str | None = None, memory: str | None = None, soc: str | None = None) -> None:
+                boot_medium: str | None = None, memory: str | None = None, soc: str | None = None,
+                require_security_updates: bool = False) -> None:
     """Build the device's disk image (rootfs cached; see docs/image.md)."""
+    import sys
     from pathlib import Path
 
     from image import asroot
@@ -78,12 +82,16 @@ def build_image(c: Context, board: str | None = None, suite: str | None = None,
 
     settings = settings_from(c, board=board, suite=suite, mirror=mirror, clef_source=clef,
                              ssh_key=ssh_key, image_size=size, output_dir=output, uboot_patch=uboot_patch,
-                             boot_medium=boot_medium, memory=memory, soc=soc)
+                             boot_medium=boot_medium, memory=memory, soc=soc,
+                             security_updates="require" if require_security_updates else None)
     asroot.ensure_root()  # a normal user: the same command again under sudo
     with asroot.for_caller(settings):  # under sudo: the caller's ~, and the outputs go back to them
         result = build(settings, bootloader=Path(bootloader) if bootloader else None,
                        usb_function=usb_net, refresh_rootfs=refresh_rootfs)
     print(f"image: {result.image}")
+    if result.manifest["security_updates"] not in ("included", "off"):
+        print(f"WARNING: built without Debian's security updates: {result.manifest['security_updates']}",
+              file=sys.stderr)
 
 
 @task(

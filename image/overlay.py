@@ -56,6 +56,18 @@ class Network:
 
 
 @dataclasses.dataclass(frozen=True)
+class SystemRecord:
+    """What the system knows about itself (``/etc/clef-armory/system.json``): ``./do status`` shows it,
+    and it says whether the image was built with Debian's security updates."""
+
+    suite: str = ""
+    debian_version: str = ""  # the point release the rootfs was built from, e.g. 13.8
+    security_updates: str = ""  # "included", "off" or "unavailable: <reason>"
+    archives: tuple[str, ...] = ()  # "deb URI SUITE main (Date)" for each archive used
+    agent_version: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class DeviceConfig:
     """The one object every template sees (as ``cfg``). Its digest goes into the manifest."""
 
@@ -73,6 +85,7 @@ class DeviceConfig:
     clef_version: str = ""
     network: Network = Network()
     dtb_path: str | None = None  # device path of the board's dtb (extlinux boards)
+    system: SystemRecord = SystemRecord()
 
     def __post_init__(self) -> None:
         if self.network.usb_function not in USB_FUNCTIONS:
