@@ -250,6 +250,21 @@ _KNOWN: dict[str, set[str]] = {
 
 def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
     """Validate a parsed config; unknown keys are errors so typos never silently weaken policy."""
+    _check_known(data)
+    clef = _clef(_section(data, "clef"))
+    listen = _listen(_section(data, "listen"), clef)
+    return AgentConfig(
+        clef=clef,
+        listen=listen,
+        policy=_policy(_section(data, "policy"), listen),
+        audit=_audit(_section(data, "audit")),
+        control=_control(_section(data, "control")),
+        leds=LedConfig(path=_abs_path(_section(data, "leds"), "leds", "path", LedConfig().path)),
+        eth=_eth(_section(data, "eth")),
+    )
+
+
+def _check_known(data: Mapping[str, Any]) -> None:
     for key, value in data.items():
         if key not in _KNOWN:
             raise ConfigError(f"unknown section [{key}] (known: {', '.join(sorted(_KNOWN))})")
@@ -259,7 +274,8 @@ def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
             if sub not in _KNOWN[key]:
                 raise ConfigError(f"unknown key {key}.{sub}")
 
-    c = _section(data, "clef")
+
+def _clef(c: Mapping[str, Any]) -> ClefConfig:
     d = ClefConfig()
     clef = ClefConfig(
         binary=_abs_path(c, "clef", "binary", d.binary),
@@ -278,8 +294,11 @@ def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
     )
     if clef.chain_id <= 0:
         raise ConfigError(f"clef.chain_id must be a positive integer, not {clef.chain_id}")
+    return clef
 
-    sec = _section(data, "listen")
+
+def _listen(sec: Mapping[str, Any], clef: ClefConfig) -> ListenConfig:
+    """The listen address and port, and that Clef's own loopback port cannot collide with them."""
     dl = ListenConfig()
     listen = ListenConfig(
         interface=_get(sec, "listen", "interface", str, dl.interface),
@@ -299,42 +318,35 @@ def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
         raise ConfigError("clef.http_port must differ from listen.port")
     if clef.http_port == 8550:
         raise ConfigError("clef.http_port must not be 8550 (the agent's public port)")
+    return listen
 
-    p = _section(data, "policy")
+
+def _policy(p: Mapping[str, Any], listen: ListenConfig) -> PolicyConfig:
     dp = PolicyConfig()
+
+    def positive(key: str, kind: type) -> Any:
+        return _positive(f"policy.{key}", _get(p, "policy", key, kind, getattr(dp, key)))
+
     policy = PolicyConfig(
         methods=_strings(p, "policy", "methods", dp.methods),
         # Default: the listen address as an IP literal, with or without the port.
         hosts=tuple(
             h.lower()
-            for h in _strings(
-                p, "policy", "hosts", (listen.address, f"{listen.address}:{listen.port}")
-            )
+            for h in _strings(p, "policy", "hosts", (listen.address, f"{listen.address}:{listen.port}"))
         ),
         origins=_strings(p, "policy", "origins", dp.origins),
         cors=_get(p, "policy", "cors", bool, dp.cors),
         approve_listing=_get(p, "policy", "approve_listing", bool, dp.approve_listing),
-        max_body=int(_positive("policy.max_body", _get(p, "policy", "max_body", int, dp.max_body))),
-        header_timeout=_positive(
-            "policy.header_timeout", _get(p, "policy", "header_timeout", float, dp.header_timeout)
-        ),
-        body_timeout=_positive(
-            "policy.body_timeout", _get(p, "policy", "body_timeout", float, dp.body_timeout)
-        ),
-        max_connections=int(
-            _positive(
-                "policy.max_connections",
-                _get(p, "policy", "max_connections", int, dp.max_connections),
-            )
-        ),
-        rate=_positive("policy.rate", _get(p, "policy", "rate", float, dp.rate)),
-        burst=int(_positive("policy.burst", _get(p, "policy", "burst", int, dp.burst))),
-        max_batch=int(_positive("policy.max_batch", _get(p, "policy", "max_batch", int, dp.max_batch))),
+        max_body=int(positive("max_body", int)),
+        header_timeout=positive("header_timeout", float),
+        body_timeout=positive("body_timeout", float),
+        max_connections=int(positive("max_connections", int)),
+        rate=positive("rate", float),
+        burst=int(positive("burst", int)),
+        max_batch=int(positive("max_batch", int)),
         sign_queue=_get(p, "policy", "sign_queue", int, dp.sign_queue),
-        sign_wait=_positive("policy.sign_wait", _get(p, "policy", "sign_wait", float, dp.sign_wait)),
-        clef_timeout=_positive(
-            "policy.clef_timeout", _get(p, "policy", "clef_timeout", float, dp.clef_timeout)
-        ),
+        sign_wait=positive("sign_wait", float),
+        clef_timeout=positive("clef_timeout", float),
     )
     if policy.sign_queue < 0:
         raise ConfigError(f"policy.sign_queue must be 0 or more, not {policy.sign_queue}")
@@ -346,21 +358,26 @@ def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
     for method in policy.methods:
         if not re.match(r"^[A-Za-z0-9_]+$", method):
             raise ConfigError(f"policy.methods entry is not a method name: {method!r}")
+    return policy
 
-    a = _section(data, "audit")
+
+def _audit(a: Mapping[str, Any]) -> AuditConfig:
     da = AuditConfig()
-    audit = AuditConfig(
+    return AuditConfig(
         path=_abs_path(a, "audit", "path", da.path),
         max_bytes=int(_positive("audit.max_bytes", _get(a, "audit", "max_bytes", int, da.max_bytes))),
         keep=int(_positive("audit.keep", _get(a, "audit", "keep", int, da.keep))),
     )
-    control = ControlConfig(
-        socket=_abs_path(_section(data, "control"), "control", "socket", ControlConfig().socket)
-    )
+
+
+def _control(sec: Mapping[str, Any]) -> ControlConfig:
+    control = ControlConfig(socket=_abs_path(sec, "control", "socket", ControlConfig().socket))
     if len(str(control.socket).encode()) > 107:
         raise ConfigError(f"control.socket path is too long for a unix socket: {control.socket}")
-    leds = LedConfig(path=_abs_path(_section(data, "leds"), "leds", "path", LedConfig().path))
-    e = _section(data, "eth")
+    return control
+
+
+def _eth(e: Mapping[str, Any]) -> EthConfig:
     eth = EthConfig(
         enabled=_get(e, "eth", "enabled", bool, EthConfig.enabled),
         sign_transaction_result=_get(
@@ -375,9 +392,7 @@ def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
         raise ConfigError(
             f"eth.sign_transaction_result must be raw or object, not {eth.sign_transaction_result!r}"
         )
-    return AgentConfig(
-        clef=clef, listen=listen, policy=policy, audit=audit, control=control, leds=leds, eth=eth
-    )
+    return eth
 
 
 def load(path: Path) -> AgentConfig:
