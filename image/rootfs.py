@@ -130,7 +130,6 @@ class Rootfs:
     source_date_epoch: int
     packages: dict[str, str]  # name -> version, every installed package
     kernel_version: str  # e.g. 6.12.117-armmp (the /usr/lib/modules directory name)
-    built_seconds: float
     cached: bool
     debian_version: str = ""  # the point release, /etc/debian_version (e.g. 13.8)
 
@@ -200,7 +199,6 @@ def build(
             source_date_epoch=int(meta["source_date_epoch"]),
             packages=dict(meta["packages"]),
             kernel_version=str(meta["kernel_version"]),
-            built_seconds=float(meta["built_seconds"]),
             cached=True,
             debian_version=str(meta.get("debian_version", "")),
         )
@@ -246,7 +244,7 @@ def build(
         tmp_meta = meta_path.with_suffix(".json.tmp")
         tmp_meta.write_text(json.dumps(meta, indent=1, sort_keys=True))
         tmp_meta.replace(meta_path)
-    return Rootfs(tarball, key, epoch, packages, kernel_version, elapsed, cached=False,
+    return Rootfs(tarball, key, epoch, packages, kernel_version, cached=False,
                   debian_version=debian_version)
 
 

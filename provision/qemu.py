@@ -35,7 +35,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -562,10 +562,3 @@ def _sshd_banner(port: int) -> bool:
             return s.recv(64).startswith(b"SSH-")
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def booted(settings: Settings, image: Path | None = None, **options: Any) -> Iterator[QemuGuest]:
-    """Boot the qemu board's image (``find_image``) for the length of a with-block."""
-    with QemuGuest(find_image(settings, image), **options) as guest:
-        yield guest

@@ -206,7 +206,7 @@ def test_system_record_reaches_the_device_reader(tmp_path: Path) -> None:
     `./do status` reads back on the device (armory_agent.sysinfo)."""
     from armory_agent import sysinfo
 
-    fs = rootfs.Rootfs(tmp_path / "r.tar", "k", 0, {}, "6.12.117+deb13-armmp", 1.0, True,
+    fs = rootfs.Rootfs(tmp_path / "r.tar", "k", 0, {}, "6.12.117+deb13-armmp", True,
                        debian_version="13.8")
     state = _archives("trixie", "trixie-updates")
     state = archive.ArchiveState(state.base, state.extras, "unavailable: trixie-security: \"mid-sync\" <x>")
