@@ -14,6 +14,7 @@ import http.server
 import lzma
 import socketserver
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -245,3 +246,29 @@ def test_real_mirror_state(tmp_path: Path) -> None:
         assert state.security_updates.startswith("unavailable: ") and "\n" not in state.security_updates
         assert log
     print(f"mirror: {s.suite} {state.base.version}; security updates: {state.security_updates}")
+
+
+@pytest.mark.integration
+def test_require_security_updates_fails_fast_on_the_real_mirror(tmp_path: Path) -> None:
+    """Through the real CLI, while the mirror serves mid-sync -security/-updates indices: one error
+    line within seconds, before anything slow, and no image."""
+    s = config.load()
+    state = archive.resolve(s.suite, s.mirror, s.security_mirror, "include", tmp_path / "probe",
+                            log=lambda _m: None)
+    if state.security_updates == archive.INCLUDED:
+        pytest.skip("the mirror serves whole -security/-updates indices now (the build would run)")
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "invoke", "build-image", "--board", "qemu",
+                             "--output", str(out), "--ssh-key", f"{key}.pub", "--require-security-updates"],
+                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: security updates required but unavailable: ")
+    assert "Mirror sync in progress?" in lines[0] and "Traceback" not in result.stderr
+    assert "root filesystem" not in result.stdout
+    assert time.monotonic() - started < 120
+    assert not [p for p in out.rglob("*") if p.is_file()]
