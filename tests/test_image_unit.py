@@ -224,3 +224,24 @@ def test_system_record_reaches_the_device_reader(tmp_path: Path) -> None:
     assert image["security_updates"] == "unavailable: trixie-security: \"mid-sync\" <x>"
     assert image["archives"][1].startswith("deb http://deb.debian.org/debian trixie-updates main (")
     assert manifest.archive_fields(fs, state)["security_updates"] == image["security_updates"]
+
+
+def test_agent_toml_is_the_agents_own_defaults() -> None:
+    """The image's agent.toml, read by the agent, is exactly the agent's dataclass defaults (one
+    source), and a changed default reaches the rendered file."""
+    import tomllib
+
+    from armory_agent import config as agent_config
+    from armory_agent import usblink
+
+    text = _text(overlay.render_all(_cfg("mk2")), "/etc/clef-armory/agent.toml")
+    assert agent_config.from_mapping(tomllib.loads(text)) == agent_config.AgentConfig()
+    assert agent_config.AgentConfig().listen.address == usblink.DEVICE_ADDRESS
+    assert overlay.Network().device_address == usblink.DEVICE_ADDRESS
+    env = overlay.environment(overlay.OVERLAY_DIR)
+    defaults = agent_config.defaults()
+    defaults["policy"]["max_body"] = 12345
+    env.globals["agent_defaults"] = defaults
+    changed = env.get_template("etc/clef-armory/agent.toml.j2").render(cfg=_cfg("mk2"))
+    assert tomllib.loads(changed)["policy"]["max_body"] == 12345
+    assert "max_body = 262144" in text

@@ -99,6 +99,9 @@ def test_agent_config_renders_from_the_overlay_template() -> None:
     pol = policy.parse({"recipients": [ADDR], "origins": ["https://app.example"]})
     cfg2 = agent_config.from_mapping(tomllib.loads(agentconfig.render(DEFAULT, 1, pol)))
     assert cfg2.policy.origins == ("https://app.example",) and cfg2.policy.cors
+    # Everything provisioning does not set is the agent's own default (one source: its dataclasses).
+    plain = agent_config.from_mapping(tomllib.loads(agentconfig.render(DEFAULT, 1, None)))
+    assert plain == agent_config.AgentConfig()
 
 
 def test_rules_file_must_look_like_rules(tmp_path: Path) -> None:
