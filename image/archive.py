@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -179,8 +180,9 @@ def index_problem(archive: Archive, work: Path, keyring: Path = KEYRING) -> str 
                "-o", f"APT::Architecture={ARCH}", "-o", f"APT::Architectures={ARCH}",
                "-o", "Acquire::Languages=none", "-o", "Debug::NoLocking=true"]
     try:
+        # The caller's environment (proxies, as mmdebstrap will see them), English messages to parse.
         result = subprocess.run(["apt-get", *options, "-q", "update"], capture_output=True, text=True,
-                                check=False, env={"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+                                check=False, env={**os.environ, "LC_ALL": "C"})
     except FileNotFoundError:
         raise PrerequisiteError("apt-get is not installed: build on Debian or Ubuntu") from None
     if result.returncode == 0:
