@@ -11,6 +11,7 @@ from typing import Any
 from invoke.context import Context
 from invoke.tasks import task
 
+from armory_agent.usblink import AGENT_PORT, DEVICE_ADDRESS, SSH_PORT
 from clef_armory.cli import settings_from, user_errors
 from clef_armory.config import Settings
 
@@ -62,6 +63,8 @@ def test(c: Context, fast: bool = False, k: str = "", lint: bool = True) -> None
         "output": "Output directory; the image goes to <output>/<board>/ (default: build/).",
         "usb_net": "USB network function: ecm (default), rndis or ncm (for Windows hosts).",
         "refresh_rootfs": "Rebuild the cached root filesystem (e.g. after a Debian point release).",
+        "require_security_updates": "Fail when <suite>-security or <suite>-updates cannot be used (default: "
+                                    "build without them, warn loudly, record it in the manifest).",
     },
 )
 @user_errors
@@ -69,8 +72,10 @@ def build_image(c: Context, board: str | None = None, suite: str | None = None,
                 mirror: str | None = None, clef: str | None = None, ssh_key: str | None = None,
                 bootloader: str | None = None, size: str | None = None, output: str | None = None,
                 usb_net: str = "ecm", refresh_rootfs: bool = False, uboot_patch: str | None = None,
-                boot_medium: str | None = None, memory: str | None = None, soc: str | None = None) -> None:
+                boot_medium: str | None = None, memory: str | None = None, soc: str | None = None,
+                require_security_updates: bool = False) -> None:
     """Build the device's disk image (rootfs cached; see docs/image.md)."""
+    import sys
     from pathlib import Path
 
     from image import asroot
@@ -78,12 +83,16 @@ def build_image(c: Context, board: str | None = None, suite: str | None = None,
 
     settings = settings_from(c, board=board, suite=suite, mirror=mirror, clef_source=clef,
                              ssh_key=ssh_key, image_size=size, output_dir=output, uboot_patch=uboot_patch,
-                             boot_medium=boot_medium, memory=memory, soc=soc)
+                             boot_medium=boot_medium, memory=memory, soc=soc,
+                             security_updates="require" if require_security_updates else None)
     asroot.ensure_root()  # a normal user: the same command again under sudo
     with asroot.for_caller(settings):  # under sudo: the caller's ~, and the outputs go back to them
         result = build(settings, bootloader=Path(bootloader) if bootloader else None,
                        usb_function=usb_net, refresh_rootfs=refresh_rootfs)
     print(f"image: {result.image}")
+    if result.manifest["security_updates"] not in ("included", "off"):
+        print(f"WARNING: built without Debian's security updates: {result.manifest['security_updates']}",
+              file=sys.stderr)
 
 
 @task(
@@ -143,7 +152,7 @@ def _session(c: Context, board: str | None, host: str, port: int, user: str, ide
 
 
 _SSH_HELP = {
-    "host": "Device address over the USB link (10.0.0.1).",
+    "host": f"Device address over the USB link ({DEVICE_ADDRESS}).",
     "port": "SSH port on the device.",
     "user": "Admin user to log in as (the image's admin user, 'armory').",
     "identity": "SSH private key file (default: ssh-agent, then ~/.ssh/clef-armory_ed25519, id_ed25519, "
@@ -171,7 +180,8 @@ _SSH_HELP = {
     }
 )
 @user_errors
-def provision(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
+def provision(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: str = "armory",
+              identity: str = "",
               known_hosts: str = "", accounts: int = 1, import_keystore: str = "", rules: str = "",
               policy: str = "", chain_id: int | None = None, password_file: str = "",
               checks: bool = True, json: bool = False, yes: bool = False, board: str | None = None,
@@ -263,7 +273,8 @@ def policy(c: Context, action: str, file: str | None = None, tx: str = "", typed
 
 @task(auto_shortflags=False, help={**_SSH_HELP})
 @user_errors
-def unlock(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
+def unlock(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: str = "armory",
+           identity: str = "",
            known_hosts: str = "", password_file: str = "", json: bool = False,
            board: str | None = None) -> None:
     """Give the agent the master password after a boot and wait until it is ready."""
@@ -281,7 +292,8 @@ def unlock(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armo
 @task(auto_shortflags=False,
       help={**_SSH_HELP, "search_passwords": "Ask for the passwords and search the device for them."})
 @user_errors
-def check(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
+def check(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: str = "armory",
+          identity: str = "",
           known_hosts: str = "", password_file: str = "", search_passwords: bool = True,
           json: bool = False, board: str | None = None) -> None:
     """Run the key-handling checks alone; non-zero exit if any fails."""
@@ -301,7 +313,8 @@ def check(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armor
 
 @task(auto_shortflags=False, help={k: v for k, v in _SSH_HELP.items() if k != "password_file"})
 @user_errors
-def status(c: Context, host: str = "10.0.0.1", port: int = 22, user: str = "armory", identity: str = "",
+def status(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: str = "armory",
+           identity: str = "",
            known_hosts: str = "", json: bool = False, board: str | None = None) -> None:
     """Show what is set up on the device and whether the agent is ready."""
     import json as jsonlib
@@ -338,9 +351,10 @@ def run_qemu(c: Context, image: str = "", memory: int = 512, cpus: int = 2, time
     guest = qemu.QemuGuest(qemu.find_image(settings, Path(image) if image else None), memory_mib=memory,
                            cpus=cpus, boot_timeout=timeout, state=Path(state) if state else None)
     with guest:
-        print(f"ssh:   127.0.0.1:{guest.ssh_port} -> 10.0.0.1:22  (pinned key: {guest.known_hosts()})")
-        print(f"agent: 127.0.0.1:{guest.agent_port} -> 10.0.0.1:8550  "
-              "(send 'Host: 10.0.0.1:8550'; see docs/troubleshooting.md)")
+        print(f"ssh:   127.0.0.1:{guest.ssh_port} -> {DEVICE_ADDRESS}:{SSH_PORT}  "
+              f"(pinned key: {guest.known_hosts()})")
+        print(f"agent: 127.0.0.1:{guest.agent_port} -> {DEVICE_ADDRESS}:{AGENT_PORT}  "
+              f"(send 'Host: {DEVICE_ADDRESS}:{AGENT_PORT}'; see docs/troubleshooting.md)")
         print(f"console log: {guest.console_log}")
         if hold:
             print("running; Ctrl-C powers the guest off")

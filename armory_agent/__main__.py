@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except AgentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # anything not caught where it happened: still one line, never a traceback
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

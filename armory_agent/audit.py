@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from armory_agent.errors import StartError
+
 log = logging.getLogger("armory_agent.audit")
 
 _STOP = object()
@@ -26,7 +28,11 @@ class AuditLog:
         self.max_bytes = max_bytes
         self.keep = keep
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._fd = self._open()
+        try:
+            self._fd = self._open()
+        except OSError as e:
+            raise StartError(f"cannot open the audit log {path}: {e.strerror or e} "
+                             "(check [audit] path in the agent config)") from None
         self._size = os.fstat(self._fd).st_size
         self._thread = threading.Thread(target=self._writer, name="audit", daemon=True)
         self._thread.start()

@@ -1,60 +1,54 @@
 """The agent's configuration: one TOML (or JSON) file, validated at start into frozen dataclasses.
 
-Schema (every key optional; the defaults are the device's values from docs/design.md)::
+Every key is optional. The dataclasses below hold the defaults (the device's values, docs/design.md;
+the link's address and ports come from ``armory_agent.usblink``); the schema with its defaults at the
+end of this docstring and the file the image installs (``overlay/etc/clef-armory/agent.toml.j2``)
+are rendered from them (``defaults()``). What the keys mean::
 
     [clef]
-    binary = "/usr/local/bin/clef"
-    state_dir = "/var/lib/clef-armory"   # configdir = <state_dir>/clef, keystore = <state_dir>/keystore
-    chain_id = 1
-    http_port = 8551                     # Clef's own HTTP, always on 127.0.0.1; never 8550
-    rules = "/var/lib/clef-armory/rules.js"   # passed as --rules when the file exists
-    lightkdf = false                     # only for tests: weak scrypt for NEW keys
-    restart_backoff_max = 30.0           # seconds; Clef restarts back off 1, 2, 4 ... up to this
-    startup_timeout = 60.0               # seconds Clef may take to ask for the master password / start
+    binary, state_dir                    # configdir = <state_dir>/clef, keystore = <state_dir>/keystore
+    chain_id
+    http_port                            # Clef's own HTTP, always on 127.0.0.1; never listen.port
+    rules                                # passed as --rules when the file exists
+    lightkdf                             # only for tests: weak scrypt for NEW keys
+    restart_backoff_max                  # seconds; Clef restarts back off 1, 2, 4 ... up to this
+    startup_timeout                      # seconds Clef may take to ask for the master password / start
 
     [listen]
-    interface = "usb0"                   # kernel-enforced with SO_BINDTODEVICE
-    address = "10.0.0.1"
-    port = 8550
-    bind_to_device = true
+    interface                            # kernel-enforced with SO_BINDTODEVICE
+    address, port, bind_to_device
 
     [policy]
-    methods = ["account_list", "account_signTransaction", "account_signData",
-               "account_signTypedData", "account_ecRecover", "account_version",
-               "eth_accounts", "eth_requestAccounts", "eth_chainId", "eth_signTransaction",
-               "eth_sign", "personal_sign", "eth_signTypedData", "eth_signTypedData_v3",
-               "eth_signTypedData_v4", "eth_sendTransaction"]   # eth_*: see [eth]
-    hosts = ["10.0.0.1", "10.0.0.1:8550"]  # Host allowlist (DNS rebinding); default: listen address[:port]
-    origins = []                         # Origin allowlist; a request carrying another Origin gets 403
-    cors = false                         # send CORS headers to allowed origins (needs origins)
-    approve_listing = false              # answer listings the rules leave undecided with all accounts
-    max_body = 262144                    # bytes; larger bodies get 413
-    header_timeout = 10.0                # seconds to receive the request head (slowloris)
-    body_timeout = 10.0                  # seconds to receive the body
-    max_connections = 64
-    rate = 20.0                          # requests per second per peer address (token bucket) ...
-    burst = 40                           # ... and its bucket size; over it: 429
-    max_batch = 16
-    sign_queue = 4                       # signing requests allowed to wait behind the one inside Clef
-    sign_wait = 120.0                    # seconds a signing request may wait for its turn
-    clef_timeout = 35.0                  # seconds to wait for Clef's answer (Clef itself gives up at ~30)
+    methods                              # allowlist; eth_* are translated (see [eth])
+    hosts                                # Host allowlist (DNS rebinding); default: listen address[:port]
+    origins                              # Origin allowlist; a request carrying another Origin gets 403
+    cors                                 # send CORS headers to allowed origins (needs origins)
+    approve_listing                      # answer listings the rules leave undecided with all accounts
+    max_body                             # bytes; larger bodies get 413
+    header_timeout, body_timeout         # seconds to receive the request head (slowloris) / the body
+    max_connections
+    rate, burst                          # requests per second per peer address (token bucket) and
+                                         # its bucket size; over it: 429
+    max_batch
+    sign_queue                           # signing requests allowed to wait behind the one inside Clef
+    sign_wait                            # seconds a signing request may wait for its turn
+    clef_timeout                         # seconds to wait for Clef's answer (Clef itself gives up at ~30)
 
     [audit]
-    path = "/var/lib/clef-armory/audit.jsonl"
-    max_bytes = 4194304                  # rotate when the file reaches this size
-    keep = 4                             # rotated files kept: audit.jsonl.1 ... .N
+    path, max_bytes                      # rotate when the file reaches max_bytes ...
+    keep                                 # ... keeping audit.jsonl.1 ... .N
 
     [control]
-    socket = "/run/clef-armory/control.sock"
+    socket
 
     [leds]
-    path = "/sys/class/leds"             # missing directory or LEDs: no-op
+    path                                 # missing directory or LEDs: no-op
 
     [eth]                                # wallet methods translated to account_* (armory_agent/ethapi.py)
-    enabled = true
-    sign_transaction_result = "raw"      # eth_signTransaction answers the signed tx hex (ethers, viem);
-                                         # "object": {raw, tx} like geth (web3.py, web3.js)
-    method_signatures = []               # e.g. ["mint(address,uint256)"]: sent to Clef as methodSelector
+    enabled
+    sign_transaction_result              # "raw": eth_signTransaction answers the signed tx hex (ethers,
+                                         # viem); "object": {raw, tx} like geth (web3.py, web3.js)
+    method_signatures                    # e.g. ["mint(address,uint256)"]: sent to Clef as methodSelector
 """
 
 from __future__ import annotations
@@ -64,10 +58,11 @@ import json
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from armory_agent import usblink
 from armory_agent.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/clef-armory/agent.toml")
@@ -100,7 +95,7 @@ class ClefConfig:
     binary: Path = Path("/usr/local/bin/clef")
     state_dir: Path = Path("/var/lib/clef-armory")
     chain_id: int = 1
-    http_port: int = 8551
+    http_port: int = usblink.CLEF_HTTP_PORT
     rules: Path = Path("/var/lib/clef-armory/rules.js")
     lightkdf: bool = False
     restart_backoff_max: float = 30.0
@@ -125,16 +120,16 @@ class ClefConfig:
 
 @dataclass(frozen=True)
 class ListenConfig:
-    interface: str = "usb0"
-    address: str = "10.0.0.1"
-    port: int = 8550
+    interface: str = usblink.INTERFACE
+    address: str = usblink.DEVICE_ADDRESS
+    port: int = usblink.AGENT_PORT
     bind_to_device: bool = True
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
-    hosts: tuple[str, ...] = ("10.0.0.1", "10.0.0.1:8550")
+    hosts: tuple[str, ...] = (usblink.DEVICE_ADDRESS, f"{usblink.DEVICE_ADDRESS}:{usblink.AGENT_PORT}")
     origins: tuple[str, ...] = ()
     cors: bool = False
     approve_listing: bool = False
@@ -250,6 +245,21 @@ _KNOWN: dict[str, set[str]] = {
 
 def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
     """Validate a parsed config; unknown keys are errors so typos never silently weaken policy."""
+    _check_known(data)
+    clef = _clef(_section(data, "clef"))
+    listen = _listen(_section(data, "listen"), clef)
+    return AgentConfig(
+        clef=clef,
+        listen=listen,
+        policy=_policy(_section(data, "policy"), listen),
+        audit=_audit(_section(data, "audit")),
+        control=_control(_section(data, "control")),
+        leds=LedConfig(path=_abs_path(_section(data, "leds"), "leds", "path", LedConfig().path)),
+        eth=_eth(_section(data, "eth")),
+    )
+
+
+def _check_known(data: Mapping[str, Any]) -> None:
     for key, value in data.items():
         if key not in _KNOWN:
             raise ConfigError(f"unknown section [{key}] (known: {', '.join(sorted(_KNOWN))})")
@@ -259,7 +269,8 @@ def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
             if sub not in _KNOWN[key]:
                 raise ConfigError(f"unknown key {key}.{sub}")
 
-    c = _section(data, "clef")
+
+def _clef(c: Mapping[str, Any]) -> ClefConfig:
     d = ClefConfig()
     clef = ClefConfig(
         binary=_abs_path(c, "clef", "binary", d.binary),
@@ -278,8 +289,11 @@ def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
     )
     if clef.chain_id <= 0:
         raise ConfigError(f"clef.chain_id must be a positive integer, not {clef.chain_id}")
+    return clef
 
-    sec = _section(data, "listen")
+
+def _listen(sec: Mapping[str, Any], clef: ClefConfig) -> ListenConfig:
+    """The listen address and port, and that Clef's own loopback port cannot collide with them."""
     dl = ListenConfig()
     listen = ListenConfig(
         interface=_get(sec, "listen", "interface", str, dl.interface),
@@ -297,44 +311,37 @@ def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
         raise ConfigError(f"listen.address must be one host address, not {listen.address}")
     if clef.http_port == listen.port and addr.is_loopback:
         raise ConfigError("clef.http_port must differ from listen.port")
-    if clef.http_port == 8550:
-        raise ConfigError("clef.http_port must not be 8550 (the agent's public port)")
+    if clef.http_port == usblink.AGENT_PORT:
+        raise ConfigError(f"clef.http_port must not be {usblink.AGENT_PORT} (the agent's public port)")
+    return listen
 
-    p = _section(data, "policy")
+
+def _policy(p: Mapping[str, Any], listen: ListenConfig) -> PolicyConfig:
     dp = PolicyConfig()
+
+    def positive(key: str, kind: type) -> Any:
+        return _positive(f"policy.{key}", _get(p, "policy", key, kind, getattr(dp, key)))
+
     policy = PolicyConfig(
         methods=_strings(p, "policy", "methods", dp.methods),
         # Default: the listen address as an IP literal, with or without the port.
         hosts=tuple(
             h.lower()
-            for h in _strings(
-                p, "policy", "hosts", (listen.address, f"{listen.address}:{listen.port}")
-            )
+            for h in _strings(p, "policy", "hosts", (listen.address, f"{listen.address}:{listen.port}"))
         ),
         origins=_strings(p, "policy", "origins", dp.origins),
         cors=_get(p, "policy", "cors", bool, dp.cors),
         approve_listing=_get(p, "policy", "approve_listing", bool, dp.approve_listing),
-        max_body=int(_positive("policy.max_body", _get(p, "policy", "max_body", int, dp.max_body))),
-        header_timeout=_positive(
-            "policy.header_timeout", _get(p, "policy", "header_timeout", float, dp.header_timeout)
-        ),
-        body_timeout=_positive(
-            "policy.body_timeout", _get(p, "policy", "body_timeout", float, dp.body_timeout)
-        ),
-        max_connections=int(
-            _positive(
-                "policy.max_connections",
-                _get(p, "policy", "max_connections", int, dp.max_connections),
-            )
-        ),
-        rate=_positive("policy.rate", _get(p, "policy", "rate", float, dp.rate)),
-        burst=int(_positive("policy.burst", _get(p, "policy", "burst", int, dp.burst))),
-        max_batch=int(_positive("policy.max_batch", _get(p, "policy", "max_batch", int, dp.max_batch))),
+        max_body=int(positive("max_body", int)),
+        header_timeout=positive("header_timeout", float),
+        body_timeout=positive("body_timeout", float),
+        max_connections=int(positive("max_connections", int)),
+        rate=positive("rate", float),
+        burst=int(positive("burst", int)),
+        max_batch=int(positive("max_batch", int)),
         sign_queue=_get(p, "policy", "sign_queue", int, dp.sign_queue),
-        sign_wait=_positive("policy.sign_wait", _get(p, "policy", "sign_wait", float, dp.sign_wait)),
-        clef_timeout=_positive(
-            "policy.clef_timeout", _get(p, "policy", "clef_timeout", float, dp.clef_timeout)
-        ),
+        sign_wait=positive("sign_wait", float),
+        clef_timeout=positive("clef_timeout", float),
     )
     if policy.sign_queue < 0:
         raise ConfigError(f"policy.sign_queue must be 0 or more, not {policy.sign_queue}")
@@ -346,21 +353,26 @@ def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
     for method in policy.methods:
         if not re.match(r"^[A-Za-z0-9_]+$", method):
             raise ConfigError(f"policy.methods entry is not a method name: {method!r}")
+    return policy
 
-    a = _section(data, "audit")
+
+def _audit(a: Mapping[str, Any]) -> AuditConfig:
     da = AuditConfig()
-    audit = AuditConfig(
+    return AuditConfig(
         path=_abs_path(a, "audit", "path", da.path),
         max_bytes=int(_positive("audit.max_bytes", _get(a, "audit", "max_bytes", int, da.max_bytes))),
         keep=int(_positive("audit.keep", _get(a, "audit", "keep", int, da.keep))),
     )
-    control = ControlConfig(
-        socket=_abs_path(_section(data, "control"), "control", "socket", ControlConfig().socket)
-    )
+
+
+def _control(sec: Mapping[str, Any]) -> ControlConfig:
+    control = ControlConfig(socket=_abs_path(sec, "control", "socket", ControlConfig().socket))
     if len(str(control.socket).encode()) > 107:
         raise ConfigError(f"control.socket path is too long for a unix socket: {control.socket}")
-    leds = LedConfig(path=_abs_path(_section(data, "leds"), "leds", "path", LedConfig().path))
-    e = _section(data, "eth")
+    return control
+
+
+def _eth(e: Mapping[str, Any]) -> EthConfig:
     eth = EthConfig(
         enabled=_get(e, "eth", "enabled", bool, EthConfig.enabled),
         sign_transaction_result=_get(
@@ -375,8 +387,32 @@ def from_mapping(data: Mapping[str, Any]) -> AgentConfig:
         raise ConfigError(
             f"eth.sign_transaction_result must be raw or object, not {eth.sign_transaction_result!r}"
         )
-    return AgentConfig(
-        clef=clef, listen=listen, policy=policy, audit=audit, control=control, leds=leds, eth=eth
+    return eth
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    """Every section's defaults as plain TOML values (paths as strings, tuples as lists): what the
+    image's agent.toml template and this module's docstring are rendered from."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    cfg = asdict(AgentConfig())
+    return {f.name: {k: plain(v) for k, v in cfg[f.name].items()} for f in fields(AgentConfig)}
+
+
+def defaults_toml() -> str:
+    """The defaults as a complete config file."""
+    lines: list[str] = []
+    for section, values in defaults().items():
+        lines += ["", f"[{section}]", *(f"{key} = {json.dumps(value)}" for key, value in values.items())]
+    return "\n".join(lines[1:]) + "\n"
+
+
+if __doc__ is not None:  # python -OO drops docstrings
+    __doc__ += "\nDefaults::\n\n" + "".join(
+        f"    {line}\n" if line else "\n" for line in defaults_toml().splitlines()
     )
 
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from armory_agent.errors import ControlError
+from armory_agent.errors import ControlError, StartError
 
 log = logging.getLogger("armory_agent.control")
 
@@ -42,17 +42,21 @@ class ControlServer:
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        old = os.umask(0o177)
         try:
-            self.server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=MAX_LINE * 2
-            )
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            old = os.umask(0o177)
+            try:
+                self.server = await asyncio.start_unix_server(
+                    self._serve, path=str(self.path), limit=MAX_LINE * 2
+                )
+            finally:
+                os.umask(old)
+            os.chmod(self.path, 0o600)
+        except OSError as e:
+            raise StartError(f"cannot create the control socket {self.path}: {e.strerror or e} "
+                             "(check [control] socket in the agent config)") from None
 
     async def stop(self) -> None:
         if self.server is not None:

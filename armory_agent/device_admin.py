@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from armory_agent import CLEF_GOMEMLIMIT
+from armory_agent import CLEF_GOMEMLIMIT, sysinfo
 
 _VAULT_RE = re.compile(r"^[0-9a-f]{20}$")
 _ADDRESS_RE = re.compile(r"^(0x)?[0-9a-fA-F]{40}$")
@@ -660,6 +660,11 @@ def cmd_facts(req: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def cmd_system(req: dict[str, Any]) -> dict[str, Any]:
+    """Which system runs here: Debian point release, and the image's record (security updates...)."""
+    return sysinfo.read()
+
+
 @contextlib.contextmanager
 def _admin_lock(layout: dict[str, Any]) -> Iterator[None]:
     """One device_admin at a time: a re-run waits for a step still finishing after a dropped link."""
@@ -686,6 +691,7 @@ COMMANDS = {
     "restart-agent": cmd_restart_agent,
     "agent": cmd_agent,
     "facts": cmd_facts,
+    "system": cmd_system,
 }
 
 

@@ -13,5 +13,5 @@ class ControlError(AgentError):
     """A control-socket command failed (locked, wrong password, agent not running)."""
 
 
-class ClefStartError(AgentError):
-    """Clef could not be started or did not come up as expected."""
+class StartError(AgentError):
+    """`serve` cannot start: the audit log, the control socket or the listening port is unusable."""

@@ -16,6 +16,8 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
+from armory_agent.errors import StartError
+
 log = logging.getLogger("armory_agent.net")
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -65,10 +67,21 @@ class InterfaceListener:
     def start(self, poll: float = 0.5) -> None:
         self._task = asyncio.create_task(self._watch(poll), name="listener")
 
+    def task(self) -> asyncio.Task[None]:
+        """The watching task (after start()): it ends only when the listener gives up."""
+        assert self._task is not None, "start() first"
+        return self._task
+
+    def failure(self) -> BaseException | None:
+        """Why the listener gave up (a port in use, a bad address), or None while it runs."""
+        if self._task is None or not self._task.done() or self._task.cancelled():
+            return None
+        return self._task.exception()
+
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, StartError):
                 await self._task
         await self._close()
 
@@ -89,7 +102,8 @@ class InterfaceListener:
         except OSError as e:
             if e.errno in _WAITING:
                 return False
-            raise
+            raise StartError(f"cannot listen on {self.address}:{self.port}: {e.strerror or e} "
+                             "(is another agent running? see [listen] in the agent config)") from None
         self.server = await asyncio.start_server(self.handler, sock=sock, limit=64 * 1024)
         self._ifindex = index
         self.bound.set()

@@ -15,7 +15,7 @@ from armory_agent.audit import AuditLog
 from armory_agent.clefclient import ClefClient
 from armory_agent.config import AgentConfig
 from armory_agent.control import ControlServer
-from armory_agent.errors import ControlError
+from armory_agent.errors import ControlError, StartError
 from armory_agent.httpproto import (
     ClientGone,
     Connection,
@@ -213,20 +213,32 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         self.leds.set_state("locked")
-        await self.control.start()
+        try:
+            await self.control.start()
+        except StartError:
+            self.audit.close()
+            raise
         self.supervisor.start()
         self.listener.start()
         log.info("agent started (Clef %s)", self.supervisor.version)
+        stopping = asyncio.create_task(stop.wait())
         try:
-            await stop.wait()
+            # Until SIGTERM/SIGINT, or until the listener gives up (e.g. the port is taken).
+            await asyncio.wait({stopping, self.listener.task()}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            stopping.cancel()
             log.info("agent stopping")
+            failure = self.listener.failure()
             await self.listener.stop()
             await self.control.stop()
             await self.supervisor.stop()
             self.leds.set_state("locked")
             self.audit.close()
+        if failure is not None:
+            raise failure
 
 
 def serve(cfg: AgentConfig) -> None:
+    """Run until SIGTERM/SIGINT. StartError (one line) when the audit log, control socket or port
+    cannot be used; the CLI prints it and exits non-zero."""
     asyncio.run(Agent(cfg).run())

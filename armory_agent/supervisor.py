@@ -75,15 +75,26 @@ def clef_env() -> dict[str, str]:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_agent() -> None:
-    """Runs in the child before exec: if the agent is killed outright, the kernel kills Clef too, so
-    no unlocked Clef outlives the agent that enforces the policy in front of it.
+def die_with_agent_hook() -> Callable[[], None]:
+    """The preexec_fn that makes the kernel kill Clef if the agent is killed outright, so no unlocked
+    Clef outlives the agent that enforces the policy in front of it.
 
-    prctl() directly rather than `setpriv --pdeathsig`: the unit's seccomp filter (~@privileged)
-    denies the capset() setpriv makes, and setpriv then exits 127 without starting Clef."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    Python's subprocess has no parent-death signal option, so this stays a preexec_fn, but every
+    ctypes lookup (dlopen, dlsym: they take the loader's lock, which another thread, e.g. the audit
+    writer, may hold at fork time) happens here, in the parent, once. The child only makes the one
+    prepared foreign call. prctl() directly rather than `setpriv --pdeathsig`: the unit's seccomp
+    filter (~@privileged) denies the capset() setpriv makes, and setpriv then exits 127."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+    prctl.restype = ctypes.c_int
+    get_errno = ctypes.get_errno
+    args = (_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+    def die_with_agent() -> None:  # runs in the child between fork and exec
+        if prctl(*args) != 0:
+            raise OSError(get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+    return die_with_agent
 
 
 def _private_file(path: Path) -> None:
@@ -125,6 +136,7 @@ class ClefSupervisor:
         self._restart_now = asyncio.Event()
         self._start_error = ""
         self._task: asyncio.Task[None] | None = None
+        self._preexec = die_with_agent_hook()  # resolved now, never in a forked child
 
     # --- state ---
 
@@ -222,7 +234,7 @@ class ClefSupervisor:
                 limit=16 * 1024 * 1024,
                 cwd=str(self.cfg.clef.state_dir),
                 env=clef_env(),
-                preexec_fn=_die_with_agent,
+                preexec_fn=self._preexec,
                 start_new_session=True,
             )
         except OSError as e:

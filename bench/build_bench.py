@@ -27,7 +27,7 @@ from pathlib import Path
 
 from clef_armory import clef as clef_mod
 from clef_armory import config
-from image import rootfs
+from image import archive, rootfs
 from image.build import BuildResult, build_image
 from image.inspect import Image
 from image.overlay import OVERLAY_DIR
@@ -92,7 +92,9 @@ def main() -> None:
         if args.cold:
             cold_settings = settings.replace(cache_dir=str(tmp / "cold-cache"))
             cold, cold_s = _build(cold_settings)
-            spec = rootfs.RootfsSpec(suite=settings.suite, mirror=settings.mirror)
+            spec = rootfs.RootfsSpec(archives=archive.resolve(
+                settings.suite, settings.mirror, settings.security_mirror, settings.security_updates,
+                settings.cache_path, log=lambda _m: None))
             bare_s = _baseline(spec, tmp)
             report["cold_build_s"] = round(cold_s, 1)
             report["baseline_mmdebstrap_s"] = round(bare_s, 1)

@@ -25,6 +25,8 @@ BOARDS = ("mk2", "mk1", "qemu")
 BOOT_MEDIA = ("uSD", "eMMC")
 MEMORY_SIZES = ("512M", "1G")
 SOCS = ("imx6ulz", "imx6ul")
+# Whether the rootfs takes <suite>-security and <suite>-updates (image/archive.py).
+SECURITY_UPDATES = ("include", "require", "off")
 _SIZE_RE = re.compile(r"^(\d+)([KMG]?)$")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
@@ -36,6 +38,8 @@ class Settings:
     board: str = "mk2"
     suite: str = "trixie"
     mirror: str = "http://deb.debian.org/debian"
+    security_mirror: str = "http://deb.debian.org/debian-security"
+    security_updates: str = "include"
     clef_version: str = "1.17.3"
     clef_source: str = "source"
     chain_id: int = 1
@@ -54,13 +58,15 @@ class Settings:
         check_choice("boot_medium", self.boot_medium, BOOT_MEDIA)
         check_choice("memory", self.memory, MEMORY_SIZES)
         check_choice("soc", self.soc, SOCS)
+        check_choice("security_updates", self.security_updates, SECURITY_UPDATES)
         if not _VERSION_RE.match(self.clef_version):
             raise ConfigError(f"clef_version {self.clef_version!r} is not of the form X.Y.Z")
         if not isinstance(self.chain_id, int) or self.chain_id <= 0:
             raise ConfigError(f"chain_id must be a positive integer, not {self.chain_id!r}")
         parse_size(self.image_size)
-        if not self.mirror.startswith(("http://", "https://", "file:/")):
-            raise ConfigError(f"mirror {self.mirror!r} must be an http(s):// or file:/ URL")
+        for name in ("mirror", "security_mirror"):
+            if not getattr(self, name).startswith(("http://", "https://", "file:/")):
+                raise ConfigError(f"{name} {getattr(self, name)!r} must be an http(s):// or file:/ URL")
 
     @property
     def cache_path(self) -> Path:

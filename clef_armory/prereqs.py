@@ -7,7 +7,6 @@ library or `invoke` directly still fails with a clear line rather than a traceba
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterable
 
 from clef_armory.errors import PrerequisiteError
@@ -50,15 +49,4 @@ def require(commands: Iterable[str]) -> None:
         pkgs = sorted({PACKAGES.get(c, c) for c in missing})
         raise PrerequisiteError(
             f"missing {', '.join(missing)}: run sudo apt-get install -y {' '.join(pkgs)}"
-        )
-
-
-def require_armhf_binfmt() -> None:
-    """mmdebstrap needs to run armhf binaries through qemu-user via binfmt_misc."""
-    require(["arch-test", "qemu-arm-static"])
-    res = subprocess.run(["arch-test", "armhf"], capture_output=True, text=True, check=False)
-    if res.returncode != 0 or "ok" not in res.stdout:
-        raise PrerequisiteError(
-            "armhf binaries cannot run here: as root run 'mount -t binfmt_misc binfmt_misc "
-            "/proc/sys/fs/binfmt_misc; update-binfmts --enable qemu-arm' (or just ./do)"
         )

@@ -21,9 +21,6 @@ class Led:
     """A GPIO LED, as the device tree names it (``/sys/class/leds/<name>``)."""
 
     name: str
-    gpio: str  # SoC pin, e.g. "GPIO4_21"
-    active_low: bool
-    default_trigger: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +42,6 @@ class DeviceTree:
     dtb_name: str  # file name under /boot/dtbs/ on the device
     from_kernel: str | None = None  # path glob inside the rootfs (Debian-shipped dtb)
     dts_file: str | None = None  # our source in image/dts/ (compiled against the kernel's dtsi)
-    compatible: str | None = None  # the board's most specific compatible string
     soc: str | None = None  # the SoC this dtb is for, where the board comes with more than one...
     alternatives: tuple[DeviceTree, ...] = ()  # ...and the dtbs for its other SoCs
 
@@ -98,11 +94,10 @@ MK1 = Board(
     root_device="partuuid",
     gadget=True,
     hw_rng=False,
-    leds=(Led("LED", "GPIO4_27", True, "heartbeat"),),
+    leds=(Led("LED"),),
     device_tree=DeviceTree(
         dtb_name="imx53-usbarmory.dtb",
         from_kernel="usr/lib/linux-image-*/imx53-usbarmory.dtb",
-        compatible="inversepath,imx53-usbarmory",
     ),
     bootloader=Bootloader(
         offset=1024,
@@ -122,20 +117,18 @@ MK2 = Board(
     gadget=True,
     hw_rng=True,
     leds=(
-        Led("LED_WHITE", "GPIO4_21", True, "none"),
-        Led("LED_BLUE", "GPIO4_22", True, "heartbeat"),
+        Led("LED_WHITE"),
+        Led("LED_BLUE"),
     ),
     # The soc setting picks the dtb (and U-Boot's fdtfile): same board, imx6ulz.dtsi or imx6ul.dtsi.
     device_tree=DeviceTree(
         dtb_name="imx6ulz-usbarmory.dtb",
         dts_file="imx6ulz-usbarmory.dts",
-        compatible="usbarmory,imx6ulz-usbarmory-mk2",
         soc="imx6ulz",
         alternatives=(
             DeviceTree(
                 dtb_name="imx6ul-usbarmory.dtb",
                 dts_file="imx6ul-usbarmory.dts",
-                compatible="usbarmory,imx6ul-usbarmory-mk2",
                 soc="imx6ul",
             ),
         ),

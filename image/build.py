@@ -23,7 +23,7 @@ from typing import Any
 from clef_armory import clef as clef_mod
 from clef_armory.config import Settings
 from clef_armory.errors import ArmoryError, BuildError
-from image import boards, debs, devicetree, disk, manifest, overlay, rootfs, sshkey, uboot
+from image import archive, boards, debs, devicetree, disk, manifest, overlay, rootfs, sshkey, uboot
 from image.boards import Board
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -239,6 +239,8 @@ def build_image(
         loader = _resolve_bootloader(board, bootloader, settings, log)
         firmware = _resolve_firmware(board, settings, log)
         cache.mkdir(parents=True, exist_ok=True)
+        archives = archive.resolve(settings.suite, settings.mirror, settings.security_mirror,
+                                   settings.security_updates, cache, log=log)
         # Last: it may make a key pair and ask for its passphrase.
         authorized_key = sshkey.authorized_key(settings.ssh_key, log=log)
         overlay.DeviceConfig(board=board, suite=settings.suite, kernel_version="", root="",
@@ -253,7 +255,7 @@ def build_image(
             built = uboot.build(plan, log)
             bootloader_file, bootloader_origin = built.path, {**bootloader_origin, **built.record}
 
-    spec = rootfs.RootfsSpec(suite=settings.suite, mirror=settings.mirror)
+    spec = rootfs.RootfsSpec(archives=archives)
     with steps.step(f"root filesystem {spec.key()} (cached, or mmdebstrap: several minutes)"):
         fs = rootfs.build(spec, cache, log=log, refresh=refresh_rootfs)
         log(f"    {'reused cached' if fs.cached else 'built'} rootfs: kernel {fs.kernel_version}, "
@@ -269,9 +271,7 @@ def build_image(
     tree = work / "tree"
     try:
         with steps.step("unpacking the rootfs"):
-            tree.mkdir()
-            subprocess.run(["tar", "-x", "-p", "--numeric-owner", "--xattrs", "--xattrs-include=*",
-                            "-f", str(fs.tarball), "-C", str(tree)], check=True)
+            rootfs.unpack(fs.tarball, tree)
 
         disk_id, _, _ = disk.disk_identity(f"{board.name}:{settings.suite}:{fs.key}")
         root = f"PARTUUID={disk.partuuid(disk_id)}" if board.root_device == "partuuid" else board.root_device
@@ -281,6 +281,7 @@ def build_image(
             board=board, suite=settings.suite, kernel_version=fs.kernel_version, root=root,
             authorized_key=authorized_key, chain_id=settings.chain_id, clef_version=clef.version,
             network=overlay.Network(usb_function=usb_function), dtb_path=dtb_path,
+            system=manifest.system_record(fs, archives, _agent_version()),
         )
 
         dtb_info: dict[str, Any] | None = None
@@ -364,6 +365,7 @@ def build_image(
                 "rootfs_key": fs.key,
                 "kernel_version": fs.kernel_version,
                 "packages": fs.packages,
+                **manifest.archive_fields(fs, archives),
                 "clef": clef.manifest(),
                 "agent": {"version": _agent_version(), "sha256": _tree_digest(AGENT_SRC)},
                 "host_keys": {k: {"public": v, "fingerprint": manifest.fingerprint(v)}

@@ -16,12 +16,30 @@ from typing import Any
 
 from clef_armory.clef import sha256_file
 from clef_armory.errors import BuildError, PrerequisiteError
+from image.archive import ArchiveState
+from image.overlay import SystemRecord
+from image.rootfs import Rootfs
 
 HOST_KEY_TYPES = ("ed25519",)
 
 __all__ = ["sha256_file"]
 
 
+def archive_fields(fs: Rootfs, archives: ArchiveState) -> dict[str, Any]:
+    """The manifest's record of what the rootfs was built from: the point release, the archives
+    (InRelease dates and digests) and whether Debian's security updates are in it."""
+    return {"debian_version": fs.debian_version, "security_updates": archives.security_updates,
+            "archives": archives.record()}
+
+
+def system_record(fs: Rootfs, archives: ArchiveState, agent_version: str) -> SystemRecord:
+    """The same facts for the device itself (rendered into /etc/clef-armory/system.json)."""
+    return SystemRecord(
+        suite=archives.base.archive.suite, debian_version=fs.debian_version,
+        security_updates=archives.security_updates,
+        archives=tuple(f"{r['source']} ({r['date']})" for r in archives.record()),
+        agent_version=agent_version,
+    )
 
 
 def fingerprint(public_key_line: str) -> str:

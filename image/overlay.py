@@ -19,6 +19,8 @@ from typing import Any
 
 import jinja2
 
+from armory_agent import config as agent_config
+from armory_agent import usblink
 from clef_armory.errors import BuildError
 from image.boards import Board
 
@@ -42,17 +44,29 @@ PROVISIONED_LATER = ("var/lib/clef-armory/",)
 class Network:
     """The USB link; values from docs/design.md."""
 
-    interface: str = "usb0"
-    device_address: str = "10.0.0.1"
-    host_address: str = "10.0.0.2"
-    prefix: int = 24
-    device_mac: str = "1a:55:89:a2:69:41"
-    host_mac: str = "1a:55:89:a2:69:42"
+    interface: str = usblink.INTERFACE
+    device_address: str = usblink.DEVICE_ADDRESS
+    host_address: str = usblink.HOST_ADDRESS
+    prefix: int = usblink.PREFIX
+    device_mac: str = usblink.DEVICE_MAC
+    host_mac: str = usblink.HOST_MAC
     # ecm: CDC-ECM (Linux, macOS); rndis or ncm: for Windows hosts (one function, always usb0).
     usb_function: str = "ecm"
     # pid.codes test/vendor ID the USB armory project uses for custom gadgets.
     usb_vendor_id: str = "0x1209"
     usb_product_id: str = "0x2702"
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemRecord:
+    """What the system knows about itself (``/etc/clef-armory/system.json``): ``./do status`` shows it,
+    and it says whether the image was built with Debian's security updates."""
+
+    suite: str = ""
+    debian_version: str = ""  # the point release the rootfs was built from, e.g. 13.8
+    security_updates: str = ""  # "included", "off" or "unavailable: <reason>"
+    archives: tuple[str, ...] = ()  # "deb URI SUITE main (Date)" for each archive used
+    agent_version: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +81,13 @@ class DeviceConfig:
     hostname: str = "armory"
     admin_user: str = "armory"
     service_user: str = "clef"
-    agent_port: int = 8550
-    clef_http_port: int = 8551
+    agent_port: int = usblink.AGENT_PORT
+    clef_http_port: int = usblink.CLEF_HTTP_PORT
     chain_id: int = 1
     clef_version: str = ""
     network: Network = Network()
     dtb_path: str | None = None  # device path of the board's dtb (extlinux boards)
+    system: SystemRecord = SystemRecord()
 
     def __post_init__(self) -> None:
         if self.network.usb_function not in USB_FUNCTIONS:
@@ -88,19 +103,23 @@ class DeviceConfig:
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def _environment(overlay_dir: Path) -> jinja2.Environment:
-    return jinja2.Environment(  # noqa: S701 - config files, not HTML
+def environment(overlay_dir: Path) -> jinja2.Environment:
+    """The templates' jinja2 setup; ``agent_defaults`` (the agent's dataclass defaults) is global, so
+    agent.toml takes every value it does not set from the one place they are defined."""
+    env = jinja2.Environment(  # noqa: S701 - config files, not HTML
         loader=jinja2.FileSystemLoader(str(overlay_dir)),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.globals["agent_defaults"] = agent_config.defaults()
+    return env
 
 
 def render_all(cfg: DeviceConfig, overlay_dir: Path = OVERLAY_DIR) -> dict[str, bytes]:
     """Device path -> content for every overlay file this config installs (pure; used by tests)."""
-    env = _environment(overlay_dir)
+    env = environment(overlay_dir)
     rendered: dict[str, bytes] = {}
     for src in sorted(p for p in overlay_dir.rglob("*") if p.is_file()):
         rel = src.relative_to(overlay_dir).as_posix()

@@ -10,13 +10,14 @@ the armhf build take minutes instead of half an hour (see docs/image.md):
 - downloaded .debs are kept in the cache and fed back in, so a rebuild downloads nothing.
 
 Files the rootfs step needs from ``overlay/`` (the initramfs settings) are part of the cache key;
-every other overlay file is applied later, so changing it reuses the cached tarball.
+every other overlay file is applied later, so changing it reuses the cached tarball. So is the state
+of the Debian archives it is built from (``image/archive.py``: the suite, ``-updates`` and
+``-security`` and the digests of their package indices), so new fixes give a new rootfs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import hashlib
 import json
 import os
@@ -25,16 +26,14 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from clef_armory.errors import BuildError, PrerequisiteError
+from image.archive import ARCH, ArchiveState
 
-ARCH = "armhf"
 # Bump when the way the rootfs is made changes in a way the key below does not see.
-RECIPE_VERSION = "3"
+RECIPE_VERSION = "4"
 
 # The union of what every board needs. No compilers, no docs.
 PACKAGES = (
@@ -103,19 +102,22 @@ Log = Callable[[str], None]
 class RootfsSpec:
     """Everything the rootfs depends on; its hash names the cached tarball."""
 
-    suite: str
-    mirror: str
+    archives: ArchiveState  # image.archive.resolve: the suite and whichever of -updates/-security are whole
     packages: tuple[str, ...] = PACKAGES
     initramfs_modules: tuple[str, ...] = INITRAMFS_MODULES
     dpkg_excludes: tuple[str, ...] = DPKG_EXCLUDES
 
+    @property
+    def suite(self) -> str:
+        return self.archives.base.archive.suite
+
     def sources(self) -> list[str]:
-        """Only the suite itself: point releases carry the security fixes, and a single index keeps
-        the mirror state one thing (the -updates/-security indices here are often mid-sync)."""
-        return [f"deb {self.mirror} {self.suite} main"]
+        return self.archives.sources()
 
     def key(self) -> str:
-        data = dataclasses.asdict(self) | {"recipe": RECIPE_VERSION, "sources": self.sources()}
+        data = {"recipe": RECIPE_VERSION, "packages": self.packages,
+                "initramfs_modules": self.initramfs_modules, "dpkg_excludes": self.dpkg_excludes,
+                "archives": self.archives.key_data()}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -128,8 +130,8 @@ class Rootfs:
     source_date_epoch: int
     packages: dict[str, str]  # name -> version, every installed package
     kernel_version: str  # e.g. 6.12.117-armmp (the /usr/lib/modules directory name)
-    built_seconds: float
     cached: bool
+    debian_version: str = ""  # the point release, /etc/debian_version (e.g. 13.8)
 
 
 def check_binfmt() -> None:
@@ -144,21 +146,6 @@ def check_binfmt() -> None:
             "armhf binaries cannot run on this machine (binfmt_misc); fix: sudo apt-get install "
             "qemu-user-static binfmt-support && sudo update-binfmts --enable qemu-arm"
         )
-
-
-def release_date(mirror: str, suite: str) -> int:
-    """SOURCE_DATE_EPOCH: the Release file's Date, so one mirror state gives one epoch."""
-    url = f"{mirror.rstrip('/')}/dists/{suite}/Release"
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - the mirror URL is a setting
-            head = response.read(4096).decode("utf-8", "replace")
-    except (urllib.error.URLError, OSError) as e:
-        raise BuildError(f"cannot read {url}: {getattr(e, 'reason', e)}") from None
-    for line in head.splitlines():
-        if line.startswith("Date:"):
-            parsed = email.utils.parsedate_to_datetime(line.split(":", 1)[1].strip())
-            return int(parsed.timestamp())
-    raise BuildError(f"{url} has no Date: field")
 
 
 def _setup_hook_script(spec: RootfsSpec) -> str:
@@ -212,11 +199,11 @@ def build(
             source_date_epoch=int(meta["source_date_epoch"]),
             packages=dict(meta["packages"]),
             kernel_version=str(meta["kernel_version"]),
-            built_seconds=float(meta["built_seconds"]),
             cached=True,
+            debian_version=str(meta.get("debian_version", "")),
         )
     check_binfmt()
-    epoch = release_date(spec.mirror, spec.suite)
+    epoch = spec.archives.source_date_epoch()
     apt_cache = cache_dir / "apt" / f"{spec.suite}-{ARCH}"
     apt_cache.mkdir(parents=True, exist_ok=True)
     rootfs_dir.mkdir(parents=True, exist_ok=True)
@@ -240,19 +227,25 @@ def build(
             line.split("\t", 1) for line in packages_out.read_text().splitlines() if "\t" in line
         )
         kernel_version = _kernel_version(tmp_tar)
+        debian_version = _debian_version(tmp_tar)
         elapsed = time.monotonic() - started
         meta = {
-            "spec": dataclasses.asdict(spec),
+            "sources": spec.sources(),
+            "archives": spec.archives.record(),
+            "security_updates": spec.archives.security_updates,
+            "packages_requested": list(spec.packages),
             "source_date_epoch": epoch,
             "packages": packages,
             "kernel_version": kernel_version,
+            "debian_version": debian_version,
             "built_seconds": round(elapsed, 1),
         }
         tmp_tar.replace(tarball)
         tmp_meta = meta_path.with_suffix(".json.tmp")
         tmp_meta.write_text(json.dumps(meta, indent=1, sort_keys=True))
         tmp_meta.replace(meta_path)
-    return Rootfs(tarball, key, epoch, packages, kernel_version, elapsed, cached=False)
+    return Rootfs(tarball, key, epoch, packages, kernel_version, cached=False,
+                  debian_version=debian_version)
 
 
 def mmdebstrap_command(
@@ -298,6 +291,18 @@ def mmdebstrap_command(
     return cmd
 
 
+def unpack(tarball: Path, tree: Path) -> None:
+    """Unpack the cached rootfs into `tree` (owners, modes and xattrs as built)."""
+    tree.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["tar", "-x", "-p", "--numeric-owner", "--xattrs", "--xattrs-include=*",
+                             "-f", str(tarball), "-C", str(tree)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        raise BuildError(f"cannot unpack the cached rootfs {tarball.name}: {last} "
+                         "(run build-image --refresh-rootfs)")
+
+
 def _complete(tarball: Path, packages_out: Path) -> bool:
     """The customize hooks ran (package list written) and the tarball reads to its end."""
     if not (tarball.is_file() and packages_out.is_file() and packages_out.stat().st_size > 0):
@@ -318,3 +323,12 @@ def _kernel_version(tarball: Path) -> str:
     if len(versions) != 1:
         raise BuildError(f"expected one kernel in the rootfs, found {versions or 'none'}")
     return versions[0]
+
+
+def _debian_version(tarball: Path) -> str:
+    """The Debian point release the rootfs carries (base-files' /etc/debian_version, e.g. 13.8)."""
+    result = subprocess.run(["tar", "-xOf", str(tarball), "./etc/debian_version"], capture_output=True,
+                            text=True, check=False)
+    if result.returncode != 0 or not result.stdout.strip():
+        raise BuildError("the rootfs has no /etc/debian_version")
+    return result.stdout.strip()

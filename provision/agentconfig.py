@@ -13,6 +13,8 @@ from typing import Any
 
 import jinja2
 
+from armory_agent import config as agent_config
+from armory_agent import usblink
 from clef_armory.config import REPO_ROOT
 from clef_armory.errors import ConfigError
 from provision.layout import DeviceLayout
@@ -30,7 +32,7 @@ def render(layout: DeviceLayout, chain_id: int, policy: Policy | None) -> str:
         "agent_port": int(agent_port),
         "clef_http_port": int(clef_port),
         "service_user": layout.clef_user,
-        "network": {"interface": "usb0", "device_address": agent_host},
+        "network": {"interface": usblink.INTERFACE, "device_address": agent_host},
     }
     signatures = sorted({f.signature for f in policy.functions}) if policy else []
     extra = {"origins": list(policy.origins) if policy else [], "state_dir": layout.state_dir,
@@ -42,6 +44,7 @@ def render(layout: DeviceLayout, chain_id: int, policy: Policy | None) -> str:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.globals["agent_defaults"] = agent_config.defaults()
     try:
         return env.get_template(TEMPLATE).render(cfg=cfg, provision=extra)
     except jinja2.TemplateError as e:

@@ -15,6 +15,7 @@ import secrets as pyrandom
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from armory_agent import usblink
 from clef_armory.errors import ProvisionError
 from provision.device import Device
 from provision.layout import DeviceLayout
@@ -310,7 +311,7 @@ def link_checks(
         results.append(CheckResult("link-method", refused, "account_new refused" if refused
                                    else "account_new was accepted"))
 
-        status, body = rpc("account_version", [], {"Host": "evil.example:8550"})
+        status, body = rpc("account_version", [], {"Host": f"evil.example:{usblink.AGENT_PORT}"})
         refused = status != 200 or "error" in (body or {})
         results.append(CheckResult("link-host", refused, f"foreign Host refused (HTTP {status})" if refused
                                    else "a foreign Host header was served"))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clef_armory.errors import ConfigError
+from clef_armory.errors import ConfigError, ProvisionError
 from provision import agentconfig, checks, policy, rules, setup, words
 from provision.device import Device
 from provision.layout import DEFAULT, DeviceLayout
@@ -148,12 +148,21 @@ def status(session: Session) -> dict[str, Any]:
     with conn:
         state = device.call("state")
         agent = setup.agent_status(device)
+        system = system_facts(device)
     health: dict[str, Any] | str
     try:
         health = session.link.health() if session.link else "no link"
     except Exception as e:
         health = str(e)
-    return {"device": state, "agent": agent, "health": health}
+    return {"device": state, "agent": agent, "health": health, "system": system}
+
+
+def system_facts(device: Device) -> dict[str, Any]:
+    """Debian point release and the image's record; an older device without the call says so."""
+    try:
+        return device.call("system")
+    except ProvisionError as e:
+        return {"debian_version": None, "image": None, "problem": str(e)}
 
 
 def session_for(

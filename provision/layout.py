@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from armory_agent.usblink import AGENT_PORT, CLEF_HTTP_PORT, DEVICE_ADDRESS, HOST_ADDRESS, SSH_PORT
 from clef_armory.errors import ConfigError
 
 
@@ -42,13 +43,15 @@ class DeviceLayout:
     agent_command: tuple[str, ...] = ("python3", "-m", "armory_agent")
     agent_pythonpath: str = ""  # tests only: where armory_agent lives when it is not installed
     # Expected listeners (host:port).
-    agent_listen: str = "10.0.0.1:8550"
-    clef_listen: str = "127.0.0.1:8551"
-    sshd_listen: str = "10.0.0.1:22"
+    agent_listen: str = f"{DEVICE_ADDRESS}:{AGENT_PORT}"
+    clef_listen: str = f"127.0.0.1:{CLEF_HTTP_PORT}"
+    sshd_listen: str = f"{DEVICE_ADDRESS}:{SSH_PORT}"
     # UDP sockets allowed on a non-loopback address (the DHCP server on usb0).
-    allowed_udp: tuple[str, ...] = ("0.0.0.0:67", "10.0.0.1:67")
+    allowed_udp: tuple[str, ...] = ("0.0.0.0:67", f"{DEVICE_ADDRESS}:67")
     # Checks.
-    sshd_effective_config: tuple[str, ...] = ("sshd", "-T", "-C", "user=armory,host=laptop,addr=10.0.0.2")
+    sshd_effective_config: tuple[str, ...] = (
+        "sshd", "-T", "-C", f"user=armory,host=laptop,addr={HOST_ADDRESS}"
+    )
     journal_command: tuple[str, ...] = ("journalctl", "--no-pager", "--output=cat", "--all")
     search_roots: tuple[str, ...] = ("/",)
     search_skip: tuple[str, ...] = ("/proc", "/sys", "/dev")

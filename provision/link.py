@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from armory_agent import usblink
 from clef_armory.errors import ProvisionError
 
 
 @dataclasses.dataclass(frozen=True)
 class Link:
-    host: str = "10.0.0.1"
-    port: int = 8550
+    host: str = usblink.DEVICE_ADDRESS
+    port: int = usblink.AGENT_PORT
     connect: Callable[[str, int, float], socket.socket] | None = None
     timeout: float = 40.0
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -35,22 +36,24 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from armory_agent import usblink
 from clef_armory import prereqs
 from clef_armory.config import Settings
 from clef_armory.errors import QemuError
 from provision.link import Link
 from provision.ssh import Target
 
-DEVICE_ADDRESS = "10.0.0.1"
-HOST_ADDRESS = "10.0.0.2"
-DEVICE_MAC = "1a:55:89:a2:69:41"
-SSH_PORT = 22
-AGENT_PORT = 8550
+DEVICE_ADDRESS = usblink.DEVICE_ADDRESS
+HOST_ADDRESS = usblink.HOST_ADDRESS
+LINK_NETWORK = ipaddress.ip_interface(f"{usblink.DEVICE_ADDRESS}/{usblink.PREFIX}").network  # 10.0.0.0/24
+DEVICE_MAC = usblink.DEVICE_MAC
+SSH_PORT = usblink.SSH_PORT
+AGENT_PORT = usblink.AGENT_PORT
 Log = Callable[[str], None]
 
 
@@ -391,7 +394,7 @@ class QemuGuest:
             "-drive", f"file={self.overlay},format=qcow2,if=none,id=hd",
             "-device", "virtio-blk-device,drive=hd",
             # restrict=on: the guest cannot reach this machine or beyond; only the forwards get in.
-            "-netdev", f"user,id=n,net=10.0.0.0/24,host={HOST_ADDRESS},restrict=on,{fwd}",
+            "-netdev", f"user,id=n,net={LINK_NETWORK},host={HOST_ADDRESS},restrict=on,{fwd}",
             "-device", f"virtio-net-device,netdev=n,mac={DEVICE_MAC}",
             # Stands in for the Mk II's hardware RNG, so the guest's entropy is not starved at boot.
             "-object", "rng-random,id=rng,filename=/dev/urandom",
@@ -562,10 +565,3 @@ def _sshd_banner(port: int) -> bool:
             return s.recv(64).startswith(b"SSH-")
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def booted(settings: Settings, image: Path | None = None, **options: Any) -> Iterator[QemuGuest]:
-    """Boot the qemu board's image (``find_image``) for the length of a with-block."""
-    with QemuGuest(find_image(settings, image), **options) as guest:
-        yield guest

@@ -55,6 +55,27 @@ def agent_line(device: dict[str, Any], agent: dict[str, Any] | None) -> str:
     return line
 
 
+def system_line(system: dict[str, Any] | None) -> str:
+    """Debian point release and whether the image had the security suite, in one line."""
+    if not system:
+        return "unknown"
+    image = system.get("image") or {}
+    debian = system.get("debian_version") or image.get("debian_version") or "?"
+    parts = [f"Debian {debian}" + (f" ({image['suite']})" if image.get("suite") else "")]
+    if image.get("kernel_version"):
+        parts.append(f"kernel {image['kernel_version']}")
+    if image.get("agent_version"):
+        parts.append(f"agent {image['agent_version']}")
+    security = image.get("security_updates")
+    if security == "included":
+        parts.append("built with security updates")
+    elif security:
+        parts.append(f"built WITHOUT security updates ({security}): rebuild and update")
+    else:
+        parts.append(f"security updates unknown ({system.get('problem') or 'not recorded'})")
+    return ", ".join(parts)
+
+
 def status_text(status: dict[str, Any]) -> str:
     """What ``invoke status`` prints for a person (``--json`` prints ``status`` itself)."""
     dev = status["device"]
@@ -64,5 +85,6 @@ def status_text(status: dict[str, Any]) -> str:
         f"accounts     {', '.join(a['address'] for a in dev['accounts']) or 'none'}",
         f"rules        {installed} (attested {attested})",
         f"agent        {agent_line(dev, status['agent'])}",
+        f"system       {system_line(status.get('system'))}",
         f"link health  {status['health']}",
     ])

@@ -62,19 +62,55 @@ def provision(
     say: Callable[[str], None] = print,
 ) -> list[Step]:
     """Bring the device to the wanted state; returns the steps with what changed."""
-    steps: list[Step] = []
     state = device.call("state")
     say_state(state, say)
+    digest, rules_wanted = _show_rules(state, options, say)
+    plan = _plan(state, passwords, options)
+    steps = [_master_seed(device, state, plan.master)]
+    steps += _accounts(device, plan, say)
+    rule_steps, restart = _rules(device, state, options, plan.master, digest, rules_wanted)
+    steps += rule_steps
+    if options.agent_config is not None:
+        r = device.call("install-config", content=options.agent_config)
+        steps.append(Step("agent config", bool(r["changed"]), "installed" if r["changed"] else "unchanged"))
+        restart = restart or bool(r["changed"])
+    if options.link is not None:
+        steps.extend(_agent_up(device, options, restart, plan.master, say))
+    return steps
 
-    # New rules are shown (and confirmed, if asked for) before anything on the device changes.
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a run will do to the accounts, and every secret it needs, decided before any change."""
+
+    master: Secret
+    account: Secret | None
+    generated: list[Secret]
+    have: set[str]
+    imported_text: str | None
+    import_address: str | None
+    importing: bool
+    missing_pw: list[str]
+    to_create: int
+    generate: bool
+
+
+def _show_rules(
+    state: dict[str, Any], options: Options, say: Callable[[str], None]
+) -> tuple[str | None, bool]:
+    """New rules are shown (and confirmed, if asked for) before anything on the device changes;
+    returns (their sha256, whether they still need attesting)."""
     digest = rules_mod.sha256(options.rules_text) if options.rules_text is not None else None
     rules_wanted = digest is not None and not (state["rules_sha256"] == digest == state["rules_record"])
     if options.rules_text is not None and rules_wanted:
         say("rules to be attested:\n" + options.rules_text.rstrip())
         if options.confirm is not None and not options.confirm("attest these rules?"):
             raise ConfigError("cancelled before any change: the rules were not accepted")
+    return digest, rules_wanted
 
-    # Every secret is at hand before the first change: a mistyped word or password creates nothing.
+
+def _plan(state: dict[str, Any], passwords: Passwords, options: Options) -> _Plan:
+    """Every secret is at hand before the first change: a mistyped word or password creates nothing."""
     accounts = state["accounts"]
     have = {a["address"] for a in accounts}
     imported_text = _read_import(options.import_keystore) if options.import_keystore else None
@@ -89,67 +125,64 @@ def provision(
     if importing or missing_pw or (to_create and not generate):
         account = passwords.get("account", new=to_create > 0 and not generate and not importing)
     generated = _generate(to_create, options, passwords) if generate and to_create else []
+    return _Plan(master, account, generated, have, imported_text, import_address, importing, missing_pw,
+                 to_create, generate)
 
-    # Master seed.
+
+def _master_seed(device: Device, state: dict[str, Any], master: Secret) -> Step:
     if state["masterseed"]:
-        steps.append(Step("master seed", False, "exists"))
-    else:
-        device.call("init", secrets={"master": master})
-        steps.append(Step("master seed", True, "created (clef init)"))
+        return Step("master seed", False, "exists")
+    device.call("init", secrets={"master": master})
+    return Step("master seed", True, "created (clef init)")
 
-    # Accounts: imported keystore first, then new ones up to the wanted count.
-    if importing:
+
+def _accounts(device: Device, plan: _Plan, say: Callable[[str], None]) -> list[Step]:
+    """Imported keystore first, stored passwords where missing, then new ones up to the wanted count."""
+    steps: list[Step] = []
+    master, account, have = plan.master, plan.account, set(plan.have)
+    if plan.importing:
         assert account is not None
         say(
             "warning: importing a key that has existed off the device; "
             "anyone who had that file and its password can still sign"
         )
         r = device.call(
-            "add-account", secrets={"master": master, "account": account}, import_keystore=imported_text
+            "add-account", secrets={"master": master, "account": account}, import_keystore=plan.imported_text
         )
         have.add(r["address"])
         steps.append(Step("import account", True, r["address"]))
-    elif import_address is not None:
-        steps.append(Step("import account", False, f"{import_address} already on the device"))
+    elif plan.import_address is not None:
+        steps.append(Step("import account", False, f"{plan.import_address} already on the device"))
 
-    for address in missing_pw:
+    for address in plan.missing_pw:
         assert account is not None
         device.call("setpw", secrets={"master": master, "account": account}, address=address)
         steps.append(Step("store password", True, address))
-    for i in range(to_create):
-        say(f"creating account {i + 1} of {to_create} on the device ...")
-        secret = generated[i] if generate else account
+    for i in range(plan.to_create):
+        say(f"creating account {i + 1} of {plan.to_create} on the device ...")
+        secret = plan.generated[i] if plan.generate else account
         assert secret is not None
         started = time.monotonic()
-        r = device.call("add-account", secrets={"master": master, "account": secret}, light_kdf=generate)
+        r = device.call("add-account", secrets={"master": master, "account": secret}, light_kdf=plan.generate)
         have.add(r["address"])
-        kdf = f"word set {i + 1}, light scrypt" if generate else "standard scrypt"
+        kdf = f"word set {i + 1}, light scrypt" if plan.generate else "standard scrypt"
         say(f"account {r['address']} ({kdf}) ready in {time.monotonic() - started:.1f} s")
         steps.append(Step("new account", bool(r["changed"]), r["address"]))
     steps.append(Step("accounts", False, f"{len(have)} on the device"))
+    return steps
 
-    # Rules.
-    restart = False
+
+def _rules(device: Device, state: dict[str, Any], options: Options, master: Secret, digest: str | None,
+           rules_wanted: bool) -> tuple[list[Step], bool]:
+    """Install and attest the rules when they differ; returns (steps, whether the agent must restart)."""
     if options.rules_text is not None and digest is not None:
         if not rules_wanted:
-            steps.append(Step("rules", False, f"sha256 {digest[:16]}… already attested"))
-        else:
-            r = device.call("install-rules", secrets={"master": master}, rules=options.rules_text)
-            steps.append(Step("rules", bool(r["changed"]), f"attested sha256 {digest[:16]}…"))
-            restart = restart or bool(r["changed"])
-    elif state["rules_sha256"] is None:
+            return [Step("rules", False, f"sha256 {digest[:16]}… already attested")], False
+        r = device.call("install-rules", secrets={"master": master}, rules=options.rules_text)
+        return [Step("rules", bool(r["changed"]), f"attested sha256 {digest[:16]}…")], bool(r["changed"])
+    if state["rules_sha256"] is None:
         raise ConfigError("no rules on the device yet: pass --rules FILE or --policy FILE")
-    else:
-        steps.append(Step("rules", False, "kept (no --rules or --policy given)"))
-
-    # Agent.
-    if options.agent_config is not None:
-        r = device.call("install-config", content=options.agent_config)
-        steps.append(Step("agent config", bool(r["changed"]), "installed" if r["changed"] else "unchanged"))
-        restart = restart or bool(r["changed"])
-    if options.link is not None:
-        steps.extend(_agent_up(device, options, restart, master, say))
-    return steps
+    return [Step("rules", False, "kept (no --rules or --policy given)")], False
 
 
 def _generate(count: int, options: Options, passwords: Passwords) -> list[Secret]:

@@ -106,6 +106,27 @@ def test_outputs_are_complete_and_checksummed(qemu_build: BuildResult) -> None:
 
 
 @pytest.mark.slow
+def test_manifest_and_device_say_whether_security_updates_are_in(qemu_image: Image,
+                                                                  qemu_build: BuildResult) -> None:
+    """The build records the point release and the archives it used, and whether -security/-updates
+    were among them; the device carries the same in /etc/clef-armory/system.json."""
+    m = qemu_build.manifest
+    security = m["security_updates"]
+    assert security == "included" or security.startswith("unavailable: "), security
+    sources = [a["source"] for a in m["archives"]]
+    assert sources[0] == f"deb {m['mirror']} trixie main"
+    assert (len(sources) == 3) == (security == "included")
+    assert all(len(a["inrelease_sha256"]) == 64 and a["date"] for a in m["archives"])
+    assert m["debian_version"] == qemu_image.read("/etc/debian_version").decode().strip()
+    assert m["debian_version"].startswith("13.")
+    record = json.loads(qemu_image.read("/etc/clef-armory/system.json"))
+    assert (record["security_updates"], record["debian_version"], record["suite"]) == (
+        security, m["debian_version"], "trixie")
+    assert record["agent_version"] == m["agent"]["version"]
+    assert record["kernel_version"] == m["kernel_version"]
+
+
+@pytest.mark.slow
 def test_partition_table_starts_at_5_mib(qemu_build: BuildResult) -> None:
     dump = subprocess.run(["sfdisk", "--json", str(qemu_build.image)], capture_output=True,
                           text=True, check=True)

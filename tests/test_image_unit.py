@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from clef_armory.errors import BuildError
-from image import boards, disk, manifest, overlay, rootfs
+from image import archive, boards, disk, manifest, overlay, rootfs
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHRlc3RrZXl0ZXN0a2V5dGVzdGtleXRlc3RrZXl0ZXN0 test@laptop"
 
@@ -162,22 +162,33 @@ def test_fingerprint_matches_openssh_format() -> None:
     assert fp.startswith("SHA256:") and "=" not in fp and len(fp) == 7 + 43
 
 
+def _archives(*suites: str) -> archive.ArchiveState:
+    uri = "http://deb.debian.org/debian"
+    base, *extras = (archive.Release(archive.Archive(uri, s), 0, "13", "x",
+                                     (("main/binary-armhf/Packages", s),)) for s in suites)
+    return archive.ArchiveState(base, tuple(extras), archive.INCLUDED)
+
+
 def test_rootfs_key_follows_its_inputs() -> None:
-    base = rootfs.RootfsSpec(suite="trixie", mirror="http://deb.debian.org/debian")
-    assert base.key() == rootfs.RootfsSpec(suite="trixie", mirror="http://deb.debian.org/debian").key()
-    assert base.key() != rootfs.RootfsSpec(suite="bookworm", mirror=base.mirror).key()
-    assert base.key() != rootfs.RootfsSpec(suite="trixie", mirror=base.mirror,
-                                           packages=(*base.packages, "vim")).key()
+    base = rootfs.RootfsSpec(archives=_archives("trixie"))
+    assert base.key() == rootfs.RootfsSpec(archives=_archives("trixie")).key()
+    assert base.key() != rootfs.RootfsSpec(archives=_archives("bookworm")).key()
+    assert base.key() != rootfs.RootfsSpec(archives=_archives("trixie", "trixie-security")).key()
+    more = (*base.packages, "vim")
+    assert base.key() != rootfs.RootfsSpec(archives=_archives("trixie"), packages=more).key()
 
 
 def test_mmdebstrap_command_defers_the_initramfs_and_keeps_debs(tmp_path: Path) -> None:
-    spec = rootfs.RootfsSpec(suite="trixie", mirror="http://deb.debian.org/debian")
+    spec = rootfs.RootfsSpec(archives=_archives("trixie", "trixie-security", "trixie-updates"))
     cmd = rootfs.mmdebstrap_command(spec, tmp_path / "o.tar", tmp_path / "apt", tmp_path / "p")
     joined = "\n".join(cmd)
     assert "--architectures=armhf" in cmd and "--dpkgopt=force-confold" in cmd
     assert "MODULES=list" in joined and "update_initramfs=no" in joined
     assert "update-initramfs -c -k all" in joined
     assert "rm -f \"$1\"/etc/ssh/ssh_host_*" in joined
+    assert cmd[-3:] == ["deb http://deb.debian.org/debian trixie main",
+                        "deb http://deb.debian.org/debian trixie-security main",
+                        "deb http://deb.debian.org/debian trixie-updates main"]
     bare = rootfs.mmdebstrap_command(spec, tmp_path / "o.tar", tmp_path / "apt", tmp_path / "p",
                                      keep_debs=False, tuned=False)
     assert "MODULES=list" not in "\n".join(bare)
@@ -188,3 +199,49 @@ def test_partuuid_and_identity_are_reproducible() -> None:
     assert a == disk.disk_identity("mk2:trixie:abc")
     assert a != disk.disk_identity("mk1:trixie:abc")
     assert re.fullmatch(r"[0-9a-f]{8}-01", disk.partuuid(a[0]))
+
+
+def test_system_record_reaches_the_device_reader(tmp_path: Path) -> None:
+    """What the build records about the system (suite, point release, security updates) is what
+    `./do status` reads back on the device (armory_agent.sysinfo)."""
+    from armory_agent import sysinfo
+
+    fs = rootfs.Rootfs(tmp_path / "r.tar", "k", 0, {}, "6.12.117+deb13-armmp", True,
+                       debian_version="13.8")
+    state = _archives("trixie", "trixie-updates")
+    state = archive.ArchiveState(state.base, state.extras, "unavailable: trixie-security: \"mid-sync\" <x>")
+    record = manifest.system_record(fs, state, "0.9.1")
+    cfg = overlay.DeviceConfig(**{**_cfg("qemu").__dict__, "system": record})
+    rendered = overlay.render_all(cfg)
+    assert sysinfo.read(tmp_path)["problem"].startswith("no /etc/clef-armory/system.json")
+    (tmp_path / "etc" / "clef-armory").mkdir(parents=True)
+    (tmp_path / "etc" / "clef-armory" / "system.json").write_bytes(rendered["/etc/clef-armory/system.json"])
+    (tmp_path / "etc" / "debian_version").write_text("13.9\n")
+    facts = sysinfo.read(tmp_path)
+    assert facts["debian_version"] == "13.9" and facts["problem"] is None
+    image = facts["image"]
+    assert (image["suite"], image["debian_version"], image["agent_version"]) == ("trixie", "13.8", "0.9.1")
+    assert image["security_updates"] == "unavailable: trixie-security: \"mid-sync\" <x>"
+    assert image["archives"][1].startswith("deb http://deb.debian.org/debian trixie-updates main (")
+    assert manifest.archive_fields(fs, state)["security_updates"] == image["security_updates"]
+
+
+def test_agent_toml_is_the_agents_own_defaults() -> None:
+    """The image's agent.toml, read by the agent, is exactly the agent's dataclass defaults (one
+    source), and a changed default reaches the rendered file."""
+    import tomllib
+
+    from armory_agent import config as agent_config
+    from armory_agent import usblink
+
+    text = _text(overlay.render_all(_cfg("mk2")), "/etc/clef-armory/agent.toml")
+    assert agent_config.from_mapping(tomllib.loads(text)) == agent_config.AgentConfig()
+    assert agent_config.AgentConfig().listen.address == usblink.DEVICE_ADDRESS
+    assert overlay.Network().device_address == usblink.DEVICE_ADDRESS
+    env = overlay.environment(overlay.OVERLAY_DIR)
+    defaults = agent_config.defaults()
+    defaults["policy"]["max_body"] = 12345
+    env.globals["agent_defaults"] = defaults
+    changed = env.get_template("etc/clef-armory/agent.toml.j2").render(cfg=_cfg("mk2"))
+    assert tomllib.loads(changed)["policy"]["max_body"] == 12345
+    assert "max_body = 262144" in text

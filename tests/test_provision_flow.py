@@ -231,6 +231,9 @@ def test_provision_then_again_changes_nothing_then_check_unlock_status(
     st = commands.status(session(env))
     assert st["health"]["state"] == "ready" and st["agent"]["rules"] == "enabled"
     assert len(st["device"]["accounts"]) == 2
+    # The device's own Debian point release (this machine's, here) and no image record.
+    assert st["system"]["debian_version"] == Path("/etc/debian_version").read_text().strip()
+    assert st["system"]["image"] is None and "system.json" in st["system"]["problem"]
 
 
 def test_changed_policy_rerenders_reattests_restarts(

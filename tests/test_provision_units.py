@@ -105,6 +105,9 @@ def test_agent_config_renders_from_the_overlay_template() -> None:
     pol3 = policy.parse({"recipients": [ADDR], "calls": calls})
     cfg3 = agent_config.from_mapping(tomllib.loads(agentconfig.render(DEFAULT, 1, pol3)))
     assert cfg3.eth.method_signatures == ("deposit(uint256)",)  # Clef's validator learns the policy's calls
+    # Everything provisioning does not set is the agent's own default (one source: its dataclasses).
+    plain = agent_config.from_mapping(tomllib.loads(agentconfig.render(DEFAULT, 1, None)))
+    assert plain == agent_config.AgentConfig()
 
 
 def test_rules_file_must_look_like_rules(tmp_path: Path) -> None:

@@ -64,3 +64,21 @@ def test_a_mk1_user_is_not_sent_to_build_mk2(tmp_path: Path) -> None:
 ])
 def test_status_says_why(device: dict[str, object], agent: dict[str, object] | None, expected: str) -> None:
     assert report.agent_line(device, agent).startswith(expected)
+
+
+@pytest.mark.parametrize(("system", "expected"), [
+    ({"debian_version": "13.9", "image": {"suite": "trixie", "debian_version": "13.8",
+                                          "security_updates": "included", "agent_version": "0.9.1",
+                                          "kernel_version": "6.12.117+deb13-armmp"}},
+     "Debian 13.9 (trixie), kernel 6.12.117+deb13-armmp, agent 0.9.1, built with security updates"),
+    ({"debian_version": "13.8", "image": {"suite": "trixie", "security_updates": "unavailable: mid-sync"}},
+     "Debian 13.8 (trixie), built WITHOUT security updates (unavailable: mid-sync): rebuild and update"),
+    ({"debian_version": "13.8", "image": None,
+      "problem": "no /etc/clef-armory/system.json (an image built before)"},
+     "Debian 13.8, security updates unknown (no /etc/clef-armory/system.json"),
+    ({"debian_version": None, "image": None,
+      "problem": "on the device, system: usage: device_admin {state,...}"},
+     "Debian ?, security updates unknown (on the device, system: usage"),
+])
+def test_status_shows_the_system(system: dict[str, object], expected: str) -> None:
+    assert report.system_line(system).startswith(expected)
