@@ -1,6 +1,7 @@
 """Benchmark: `cast send` through `./do wallet` vs straight to the node, same node, same run.
 
-The host's real Clef behind the real agent (light keystore, approve-all rules), anvil as the node,
+The host's real Clef behind the real agent (light keystore, rules rendered from a signing policy as
+provisioning renders them: the recipient, a value cap, the default fee caps), anvil as the node,
 the wallet in this process. Sends alternate: `cast send --unlocked` from anvil's own unlocked
 account straight to anvil (the node signs: what the wallet imitates; the issue's `--private-key`
 would put a key on the command line, which the project never does), and `cast send --unlocked`
@@ -34,16 +35,11 @@ sys.path.insert(0, str(REPO))
 from clef_armory import clef, config  # noqa: E402
 from clef_armory.config import WalletSettings  # noqa: E402
 from tests.agent_helpers import free_port, make_clef_state, running_agent, write_agent_config  # noqa: E402
-from tests.wallet_helpers import Node, WalletThread, npm_tools, rpc  # noqa: E402
+from tests.wallet_helpers import Node, WalletThread, npm_tools, policy_rules, rpc  # noqa: E402
 
 CHAIN_ID = 1337
 RECIPIENT = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
-RULES = """\
-function ApproveListing(req) { return "Approve" }
-function ApproveTx(req) { return "Approve" }
-function OnSignerStartup(info) {}
-function OnApprovedTx(resp) {}
-"""
+POLICY = {"version": 2, "chain_ids": [CHAIN_ID], "recipients": [RECIPIENT], "max_value_eth": "0.01"}
 _AUDIT = re.compile(r"^time=(\S+) .*msg=SignTransaction api=signer type=(request|response)")
 
 
@@ -107,10 +103,12 @@ def main() -> None:
     cast = tools / ".bin" / "cast"
     with tempfile.TemporaryDirectory(prefix="wallet-bench-") as tmp:
         root = Path(tmp)
-        state = make_clef_state(binary, root / "state", rules_text=RULES)
+        rules, signatures = policy_rules(POLICY, "wallet-bench-policy.yaml")
+        state = make_clef_state(binary, root / "state", rules_text=rules)
         cfg_path = root / "agent.json"
         cfg = write_agent_config(cfg_path, binary, state.state_dir)
         cfg["clef"]["chain_id"] = CHAIN_ID
+        cfg["eth"] = {"method_signatures": signatures}
         cfg_path.write_text(json.dumps(cfg))
         node = Node.anvil(tools, CHAIN_ID, root / "anvil.log")
         try:

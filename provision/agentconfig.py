@@ -24,6 +24,12 @@ TEMPLATE_DIR = REPO_ROOT / "overlay"
 TEMPLATE = "etc/clef-armory/agent.toml.j2"
 
 
+def method_signatures(policy: Policy | None) -> list[str]:
+    """The policy's call signatures, for the agent's eth.method_signatures: Clef refuses calldata
+    whose selector it cannot decode before the rules run, so the agent must name them."""
+    return sorted({f.signature for f in policy.functions}) if policy else []
+
+
 def render(layout: DeviceLayout, chain_id: int, policy: Policy | None) -> str:
     agent_host, _, agent_port = layout.agent_listen.rpartition(":")
     _, _, clef_port = layout.clef_listen.rpartition(":")
@@ -34,7 +40,7 @@ def render(layout: DeviceLayout, chain_id: int, policy: Policy | None) -> str:
         "service_user": layout.clef_user,
         "network": {"interface": usblink.INTERFACE, "device_address": agent_host},
     }
-    signatures = sorted({f.signature for f in policy.functions}) if policy else []
+    signatures = method_signatures(policy)
     extra = {"origins": list(policy.origins) if policy else [], "state_dir": layout.state_dir,
              "clef": layout.clef, "rules": layout.rules, "method_signatures": signatures}
     env = jinja2.Environment(  # noqa: S701 - a TOML file, not HTML

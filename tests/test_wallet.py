@@ -47,6 +47,7 @@ from tests.wallet_helpers import (
     Node,
     WalletThread,
     npm_tools,
+    policy_rules,
     run_node_script,
     running_wallet,
     script_dir,
@@ -63,29 +64,26 @@ RECIPIENT = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 CONTRACT = "0xC0FfEE0000000000000000000000000000C0FfEE"  # the Counter the rules allow calls to
 OUTSIDE = "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359"  # a recipient the rules do not allow
 CAP_WEI = 10**18
+# Caps the sends here fit: web3.py adds 100000 to its gas estimates (a plain send asks 121000, the
+# Counter's bump about 145000: above the default max_gas of 100000); Counter's creation about 115000.
+# The fees the wallet and the clients pick on anvil and geth --dev stay under 3 gwei.
+MAX_GAS = 300_000
+MAX_FEE_GWEI = 20
 
-RULES = f"""\
-// Test rules: one recipient, calls to one contract, contract creation, at most 1 ether.
-var RECIPIENT = "{RECIPIENT.lower()}";
-var CONTRACT = "{CONTRACT.lower()}";
-var CAP = new BigNumber("{CAP_WEI}", 10);
-function big(hex) {{ return new BigNumber(String(hex || "0x0").replace(/^0x/i, "") || "0", 16) }}
-function ApproveListing(req) {{ return "Approve" }}
-function ApproveTx(req) {{
-  var tx = req.transaction;
-  if (big(tx.value).greaterThan(CAP)) {{ return "Reject" }}
-  if (!tx.to) {{ return "Approve" }}
-  var to = String(tx.to).toLowerCase();
-  if (to === RECIPIENT || to === CONTRACT) {{ return "Approve" }}
-  return "Reject";
-}}
-function ApproveSignData(req) {{
-  if (req.content_type == "text/plain" || req.content_type == "data/typed") {{ return "Approve" }}
-  return "Reject";
-}}
-function OnSignerStartup(info) {{}}
-function OnApprovedTx(resp) {{}}
-"""
+# The armory's signing policy, as a policy.yaml would give it; its rules.js is rendered and its
+# signatures reach the agent's eth.method_signatures exactly as `./do provision --policy` does.
+POLICY: dict[str, Any] = {
+    "version": 2,
+    "chain_ids": [CHAIN_ID],
+    "recipients": [RECIPIENT],
+    "max_value_wei": CAP_WEI,
+    "max_fee_per_gas_gwei": str(MAX_FEE_GWEI),
+    "max_gas": MAX_GAS,
+    "allow_create": True,
+    "calls": [{"contract": CONTRACT, "functions": ["bump(uint256)"]}],
+    "allow_text_signing": True,
+}
+RULES, METHOD_SIGNATURES = policy_rules(POLICY, "wallet-test-policy.yaml")
 
 
 # --- fixtures: tools, the armory, the nodes, the wallet ---
@@ -110,14 +108,14 @@ def counter(scripts: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def an_armory(clef_binary: Path, root: Path, shape: str) -> Iterator[Armory]:
-    """The real agent with real Clef on loopback, for chain 1337, with the test rules, unlocked;
+    """The real agent with real Clef on loopback, for chain 1337, with POLICY's rendered rules, unlocked;
     `shape` is its [eth] sign_transaction_result."""
     state = make_clef_state(clef_binary, root / "state", rules_text=None)
     attest_rules(clef_binary, state.state_dir, RULES, state.master_password)
     cfg_path = root / "agent.json"
     cfg = write_agent_config(cfg_path, clef_binary, state.state_dir)
     cfg["clef"]["chain_id"] = CHAIN_ID
-    cfg["eth"] = {"sign_transaction_result": shape, "method_signatures": ["bump(uint256)"]}
+    cfg["eth"] = {"sign_transaction_result": shape, "method_signatures": METHOD_SIGNATURES}
     cfg_path.write_text(json.dumps(cfg, indent=2))
     with running_agent(cfg_path) as agent:
         assert agent.unlock_cli(state.master_password).returncode == 0
@@ -306,16 +304,36 @@ def test_batches_mix_node_and_armory_calls(wallet: WalletThread, anvil: Node, ar
 # --- refusals: one clear error each, nothing signed that was not sent, the endpoint keeps serving ---
 
 
-@pytest.mark.parametrize(("to", "value"), [(OUTSIDE, 1), (RECIPIENT, CAP_WEI + 1)], ids=["recipient", "cap"])
+def _word(value: int | str) -> str:
+    return (value[2:].lower() if isinstance(value, str) else f"{value:x}").rjust(64, "0")
+
+
+MAX_FEE_WEI = MAX_FEE_GWEI * 10**9
+# transfer(address,uint256): a selector Clef decodes (so the rules run), not listed for the Counter
+UNLISTED_CALL = "0xa9059cbb" + _word(RECIPIENT) + _word(1)
+REFUSALS = {  # what is sent -> the rendered rules' reason (Clef's log: "clef-armory: Reject: ...")
+    "recipient": ({"to": OUTSIDE, "value": 1}, f"recipient {OUTSIDE.lower()} is not listed"),
+    "cap": ({"to": RECIPIENT, "value": CAP_WEI + 1}, f"value {CAP_WEI + 1} wei above the cap of {CAP_WEI}"),
+    "gas": ({"to": RECIPIENT, "value": 1, "gas": MAX_GAS + 1},
+            f"gas {MAX_GAS + 1} above the cap of {MAX_GAS}"),
+    "fee": ({"to": RECIPIENT, "value": 1, "maxFeePerGas": MAX_FEE_WEI + 1, "maxPriorityFeePerGas": 10**9},
+            f"fee per gas {MAX_FEE_WEI + 1} wei above the cap of {MAX_FEE_WEI}"),
+    "call": ({"to": to_checksum_address(CONTRACT), "value": 0, "gas": 60_000, "data": UNLISTED_CALL},
+             f"function 0xa9059cbb of {CONTRACT.lower()} is not listed"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
 def test_policy_refusal_is_4001_and_nothing_is_broadcast(wallet: WalletThread, anvil: Node,
-                                                         armory: Armory,
-                                                         to: str, value: int) -> None:
-    _agent, state = armory
+                                                         armory: Armory, case: str) -> None:
+    agent, state = armory
+    sent, reason = REFUSALS[case]
     w3 = Web3(HTTPProvider(wallet.url, request_kwargs={"timeout": 120}))
     nonce = w3.eth.get_transaction_count(state.address, "pending")
     block = w3.eth.block_number
+    log_mark = len(agent.log_text())
     with pytest.raises(Web3RPCError) as e:
-        w3.eth.send_transaction({"from": state.address, "to": to, "value": value})
+        w3.eth.send_transaction({"from": state.address, **sent})  # type: ignore[typeddict-item]
     assert e.value.rpc_response is not None
     assert e.value.rpc_response["error"]["code"] == 4001
     assert "rules rejected" in e.value.rpc_response["error"]["message"]
@@ -323,6 +341,9 @@ def test_policy_refusal_is_4001_and_nothing_is_broadcast(wallet: WalletThread, a
     assert w3.eth.get_transaction_count(state.address, "pending") == nonce and w3.eth.block_number == block
     assert wallet.lines[-1].endswith("refused by the armory (User denied: the signer's rules rejected the "
                                      "request)")
+    # it was the rendered rules that refused, for this reason (Clef's log, through the agent's)
+    agent.wait_for(lambda: f"clef-armory: Reject: {reason}" in agent.log_text()[log_mark:], 10,
+                   f"the rules' reason {reason!r} in the agent's log")
     # the next allowed send takes the nonce the refused one would have had: no gap
     tx_hash = w3.eth.send_transaction({"from": state.address, "to": RECIPIENT, "value": 1})
     assert nonce_of(anvil, "0x" + bytes(tx_hash).hex()) == nonce

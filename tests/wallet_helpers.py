@@ -3,6 +3,7 @@
 `npm_tools` runs `npm ci` for tests/wallet_js once per lockfile into the shared cache (moved in only
 when complete). `Node` runs anvil or geth --dev on free loopback ports. `WalletThread` runs the
 wallet (wallet.server.start) on its own event loop in a thread, so a test can read its records.
+`policy_rules` renders a signing policy into rules.js as provisioning does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from clef_armory.config import WalletSettings
+from provision import agentconfig, rules
+from provision import policy as signing_policy
 from tests.agent_helpers import REPO, free_port, require_tool
 
 JS_DIR = REPO / "tests" / "wallet_js"
@@ -46,6 +49,13 @@ def npm_tools(cache_dir: Path) -> Path:
             os.rename(tmp, dest)
             os.mkdir(tmp)  # for TemporaryDirectory's cleanup
     return dest / "node_modules"
+
+
+def policy_rules(policy: dict[str, Any], name: str) -> tuple[str, list[str]]:
+    """rules.js and the agent's eth.method_signatures for a policy (the dict a policy.yaml holds),
+    made as provisioning makes them: parsed, rendered through the overlay template."""
+    parsed = signing_policy.parse(policy, where=name)
+    return rules.render(parsed, name), agentconfig.method_signatures(parsed)
 
 
 def rpc(url: str, method: str, params: Sequence[Any] = (), timeout: float = 30) -> Any:
