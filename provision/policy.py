@@ -5,7 +5,7 @@ it lacks take safe defaults (fee caps, no calls, no typed data, no contract crea
 spending windows). v2 adds, globally and per qube (a ``qubes:`` section only narrows)::
 
     max_fee_per_gas_gwei: "200"     # maxFeePerGas or legacy gasPrice cap
-    max_gas: 100000                 # so value + gas * fee is bounded per transaction
+    max_gas: 300000                 # so value + gas * fee is bounded per transaction
     allow_create: false
     limits: [{window: 24h, max_eth: "0.5"}, {window: 1h, max_tx: 5}]
     calls:
@@ -50,7 +50,7 @@ WEI_PER_ETH = 10**18
 WEI_PER_GWEI = 10**9
 # Defaults for keys a file does not give (v1 files included): they bound the fee of every transaction.
 DEFAULT_MAX_FEE_PER_GAS_GWEI = 200
-DEFAULT_MAX_GAS = 100_000
+DEFAULT_MAX_GAS = 300_000  # web3.py adds 100,000 to its gas estimates; contract calls need more
 # Primary types that grant an allowance: never signed unless the rule names the spender.
 PERMIT_TYPES = (
     "Permit",

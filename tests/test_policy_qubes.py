@@ -82,8 +82,8 @@ def test_a_qube_section_cannot_widen(qubes: HostSigner) -> None:
     greedy = f"{AGENT} qube=greedy"
     v = qubes.sign_transaction(tx(value=5 * 10**16 + 1), user_agent=greedy)
     assert not v.approved and "above the cap of 50000000000000000" in v.reason
-    v = qubes.sign_transaction(tx(gas=200_000), user_agent=greedy)
-    assert not v.approved and "gas 200000 above the cap of 100000" in v.reason
+    v = qubes.sign_transaction(tx(gas=400_000), user_agent=greedy)
+    assert not v.approved and "gas 400000 above the cap of 300000" in v.reason
     v = qubes.sign_message("hi", user_agent=greedy)
     assert not v.approved and "text signing is not allowed" in v.reason
 

@@ -100,7 +100,7 @@ def test_the_fee_bomb_from_the_issue_is_refused_even_with_a_v1_file(
 ) -> None:
     """Measured signed on a device with a v1 policy: value 1 wei, 30M gas, maxFeePerGas 655360 gwei."""
     v1 = policy.parse({"recipients": [R1], "max_value_eth": "0.05"})
-    assert v1.version == 1 and v1.max_fee_wei == 100_000 * 200 * GWEI  # the defaults bound it
+    assert v1.version == 1 and v1.max_fee_wei == 300_000 * 200 * GWEI  # the defaults bound it
     bomb = tx(value=1, gas=30_000_000, maxFeePerGas=655_360 * GWEI)
     with policycheck.host_signer(clef_binary, v1, tmp_path / "v1") as signer:
         v = verdict(signer, bomb)
