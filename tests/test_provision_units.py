@@ -442,7 +442,7 @@ def test_policy_v2_errors_are_one_line(doc: Any, message: str) -> None:
 
 def test_v1_file_gets_fee_defaults_and_v2_keys_parse() -> None:
     v1 = policy.parse({"recipients": [ADDR], "max_value_eth": "0.05"})
-    assert v1.version == 1 and v1.max_gas == 100_000 and v1.max_fee_per_gas_wei == 200 * 10**9
+    assert v1.version == 1 and v1.max_gas == 300_000 and v1.max_fee_per_gas_wei == 200 * 10**9
     assert not v1.allow_create and v1.limits == () and v1.qubes == ()
     v2 = policy.parse({
         "recipients": [ADDR], "max_fee_per_gas_gwei": "1.5", "limits": [{"window": "24h", "max_eth": "0.5"},
