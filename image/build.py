@@ -157,6 +157,24 @@ def _create_users(tree: Path, cfg: overlay.DeviceConfig, epoch: int) -> None:
     _chroot(tree, "usermod", "--password", "*", "root", epoch=epoch)
 
 
+# Units the appliance does not need at boot, masked on every board (docs/image.md, "Boot"). Each costs seconds
+# to minutes on the first boot under emulation and some on a Cortex-A7:
+BOOT_TRIM = (
+    # first-boot "update" jobs (ConditionNeedsUpdate): the build already ran ldconfig, the journal catalog
+    # and the hwdb update in the tree (package postinsts), and nothing changes /usr on the device later.
+    "ldconfig.service", "systemd-journal-catalog-update.service", "systemd-hwdb-update.service",
+    "systemd-update-done.service",
+    # foreign-binary formats: the device runs only its own armhf programs.
+    "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "proc-sys-fs-binfmt_misc.mount",
+    # kernel debugging/tracing filesystems, FUSE, POSIX queues, pstore: nothing on the device uses them
+    # (and debugfs is attack surface).
+    "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "sys-fs-fuse-connections.mount", "dev-mqueue.mount",
+    "modprobe@drm.service", "modprobe@fuse.service", "modprobe@efi_pstore.service", "systemd-pstore.service",
+    # housekeeping timers for a networked machine (apt, dpkg database backup, fstrim of a card).
+    "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "fstrim.timer",
+)
+
+
 def _enable_units(tree: Path, board: Board, epoch: int) -> None:
     enable = ["systemd-networkd.service", "nftables.service", "ssh.service",
               "clef-armory-agent.service"]
@@ -174,7 +192,9 @@ def _enable_units(tree: Path, board: Board, epoch: int) -> None:
             # lexists: the links point at absolute paths inside the image (dangling from here).
             if os.path.lexists(wants / unit):
                 (wants / unit).unlink()
-    _chroot(tree, "systemctl", "mask", "--quiet", *mask, epoch=epoch)
+    _chroot(tree, "systemctl", "mask", "--quiet", *mask, *BOOT_TRIM, epoch=epoch)
+    # Debian's default is graphical.target; the appliance has no display.
+    _chroot(tree, "systemctl", "set-default", "--quiet", "multi-user.target", epoch=epoch)
     # systemd's ssh generator would add sshd listeners on AF_VSOCK and a local AF_UNIX socket:
     # sshd listens on the USB link only.
     generators = tree / "etc" / "systemd" / "system-generators"
