@@ -374,8 +374,10 @@ class QemuGuest:
             self._check_overlay_backing()
             self.log(f"reusing device state in {self.overlay}")
         else:
+            # A kept state file outlives this run's workdir: it must name the build's image itself.
+            backing = self._files["disk.img"] if state is None else self.image.image
             result = subprocess.run(
-                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(self._files["disk.img"]),
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing),
                  str(self.overlay)], capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise QemuError(f"qemu-img create failed: {result.stderr.strip()}")
