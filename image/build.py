@@ -172,6 +172,11 @@ BOOT_TRIM = (
     "modprobe@drm.service", "modprobe@fuse.service", "modprobe@efi_pstore.service", "systemd-pstore.service",
     # housekeeping timers for a networked machine (apt, dpkg database backup, fstrim of a card).
     "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "fstrim.timer",
+    # on the way to sshd (systemd-analyze critical-chain in the guest): static /dev nodes for modules the
+    # appliance never loads (fuse, loop, tun, ...), network config from the kernel command line, udev
+    # rules from credentials, networkd's persistent-storage helper, a separate /run/lock tmpfs.
+    "kmod-static-nodes.service", "systemd-network-generator.service", "systemd-udev-load-credentials.service",
+    "systemd-networkd-persistent-storage.service", "run-lock.mount",
 )
 
 
@@ -326,6 +331,11 @@ def build_image(
             rendered = overlay.render_all(cfg, overlay_dir)
             installed = overlay.install(tree, rendered, uids, gids)
             overlay.copy_tree(AGENT_SRC, tree / AGENT_DEST)
+            # Bytecode made here: the agent's unit cannot write __pycache__ (ProtectSystem=strict), so
+            # without it every start (and every device_admin call over SSH) compiles the agent again.
+            # checked-hash: valid whatever the files' mtimes (clamped below), deterministic.
+            _chroot(tree, "python3", "-m", "compileall", "-q", "--invalidation-mode", "checked-hash",
+                    f"/{AGENT_DEST}", epoch=fs.source_date_epoch)
             clef_dest = tree / "usr" / "local" / "bin" / "clef"
             shutil.copyfile(clef.path, clef_dest)
             os.chown(clef_dest, 0, 0)
