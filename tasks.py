@@ -292,7 +292,8 @@ def run_qemu(c: Context, image: str = "", memory: int = 512, cpus: int = 2, time
     with taps.signals_as_interrupt(), contextlib.ExitStack() as stack:
         made = stack.enter_context(taps.tap_link(tap)) if link == "tap" else None
         guest = qemu.QemuGuest(found, memory_mib=memory, cpus=cpus, boot_timeout=timeout,
-                               state=Path(state) if state else None, tap=made.name if made else None)
+                               state=Path(state) if state else None, tap=made.name if made else None,
+                               log=lambda line: print(line, flush=True))
         if made:
             print(f"link:  {made.name} {made.address} (this machine) <-> 10.0.0.1 (the guest); "
                   "removed when the guest stops", flush=True)

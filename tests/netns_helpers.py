@@ -55,8 +55,9 @@ def do(ns: str, *args: str) -> list[str]:
 
 def run_do(ns: str, *args: str, stdin: str | None = None, timeout: float = 900.0,
            pass_fds: Sequence[int] = ()) -> subprocess.CompletedProcess[str]:
+    # A new session: no task can reach a developer's terminal (getpass would ask there).
     return subprocess.run(do(ns, *args), cwd=REPO, input=stdin, capture_output=True, text=True,
-                          timeout=timeout, check=False, pass_fds=pass_fds)
+                          timeout=timeout, check=False, pass_fds=pass_fds, start_new_session=True)
 
 
 def connect_in(ns: str, address: tuple[str, int], timeout: float) -> socket.socket:
