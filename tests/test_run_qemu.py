@@ -110,3 +110,68 @@ def test_via_flags_are_host_port(ns: str, tmp_path: Path) -> None:
         result = run_do(ns, "status", "--known-hosts", str(kh), flag, "127.0.0.1")
         line = _one_line_error(result)
         assert f"{flag} '127.0.0.1' is not HOST:PORT" in line, line
+
+
+# -- pure logic: the tap guest's command line and addresses, --*-via parsing, the capability check ----------
+
+
+def test_tap_guest_dials_the_device_itself(tmp_path: Path) -> None:
+    from clef_armory import config
+    from provision import qemu
+
+    image = qemu.find_image(config.Settings(board="qemu", output_dir=tmp_path), _build_dir(tmp_path, "qemu"))
+    guest = qemu.QemuGuest(image, workdir=tmp_path / "run", tap="armory0")
+    guest.workdir, guest.overlay = tmp_path / "run", tmp_path / "run" / "disk.qcow2"
+    guest._files = {"u-boot.bin": image.firmware}
+    command = " ".join(guest._command())
+    assert "-netdev tap,id=n,ifname=armory0,script=no,downscript=no" in command
+    assert "hostfwd" not in command and "user," not in command
+    assert "virtio-net-device,netdev=n,mac=1a:55:89:a2:69:41" in command  # the device's MAC
+    target = guest.ssh_target()
+    assert (target.host, target.port, target.known_hosts) == ("10.0.0.1", 22, image.known_hosts)
+    link = guest.link()
+    assert (link.host, link.port, link.connect) == ("10.0.0.1", 8550, None)
+
+
+def test_via_parsing() -> None:
+    from clef_armory.errors import ConfigError
+    from provision.commands import parse_via
+
+    assert parse_via("127.0.0.1:2222", "--ssh-via") == ("127.0.0.1", 2222)
+    assert parse_via("[::1]:8550", "--agent-via") == ("::1", 8550)
+    for bad in ("127.0.0.1", ":22", "host:0", "host:70000", "host:x"):
+        with pytest.raises(ConfigError, match="is not HOST:PORT"):
+            parse_via(bad, "--ssh-via")
+
+
+def test_via_session_keeps_the_device_identity(tmp_path: Path) -> None:
+    """--ssh-via/--agent-via change only where sockets go: the host key looked up is 10.0.0.1's and the
+    agent is spoken to as 10.0.0.1:8550 (its Host header)."""
+    import socket
+
+    from clef_armory import config
+    from provision.commands import session_for
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        session = session_for(config.Settings(board="qemu", output_dir=tmp_path), "10.0.0.1",
+                              ssh_via=f"127.0.0.1:{port}", agent_via=f"127.0.0.1:{port}")
+        assert (session.target.host, session.target.port) == ("10.0.0.1", 22)
+        assert session.target.known_hosts == tmp_path / "qemu" / "known_hosts"
+        assert session.link is not None and (session.link.host, session.link.port) == ("10.0.0.1", 8550)
+        assert session.ssh_socket is not None and session.link.connect is not None
+        for sock in (session.ssh_socket(), session.link.connect("10.0.0.1", 8550, 5.0)):
+            with sock, server.accept()[0]:
+                assert sock.getpeername() == ("127.0.0.1", port)
+
+
+def test_cap_net_admin_is_read_from_the_effective_set(tmp_path: Path) -> None:
+    from provision.tap import has_net_admin
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapEff:\t000001ffffffffff\n")
+    assert has_net_admin(status)
+    status.write_text("Name:\tx\nCapEff:\t0000000000000000\n")
+    assert not has_net_admin(status)
+    status.write_text("Name:\tx\nCapEff:\t0000000000001000\n")  # bit 12 alone
+    assert has_net_admin(status)
