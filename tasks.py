@@ -143,12 +143,12 @@ def flash(c: Context, device: str = "", image: str = "", bmap: str = "", to_file
 
 
 def _session(c: Context, board: str | None, host: str, port: int, user: str, identity: str,
-             known_hosts: str) -> Any:
+             known_hosts: str, ssh_via: str = "", agent_via: str = "") -> Any:
     """The SSH session of unlock, check and status; the host key pinned by the chosen build."""
     from provision import commands
 
     settings = _settings_for_build(c, board, not known_hosts)
-    return commands.session_for(settings, host, port, user, identity, known_hosts)
+    return commands.session_for(settings, host, port, user, identity, known_hosts, ssh_via, agent_via)
 
 
 _SSH_HELP = {
@@ -161,6 +161,10 @@ _SSH_HELP = {
     "password_file": "Read passwords once from this 0600 file ('master: ...', 'account: ...').",
     "json": "Print JSON for scripts instead of a table.",
     "board": "Which build/<board>/ pins the host key (default: the newest build in build/).",
+    "ssh_via": "Dial sshd at HOST:PORT instead (run-qemu --link user's forwarded port); the host key "
+               "pinned for --host is still required.",
+    "agent_via": "Dial the agent at HOST:PORT instead (run-qemu --link user's forwarded port); requests "
+                 "still say Host: 10.0.0.1:8550.",
 }
 
 
@@ -185,7 +189,8 @@ def provision(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user
               known_hosts: str = "", accounts: int = 1, import_keystore: str = "", rules: str = "",
               policy: str = "", chain_id: int | None = None, password_file: str = "",
               checks: bool = True, json: bool = False, yes: bool = False, board: str | None = None,
-              account_password: str = "words") -> None:  # noqa: S107 - a mode, not a password
+              account_password: str = "words",  # noqa: S107 - a mode, not a password
+              ssh_via: str = "", agent_via: str = "") -> None:
     """Set Clef up on the device over SSH (seed, accounts, rules, agent), then check it."""
     import sys
     from pathlib import Path
@@ -203,7 +208,7 @@ def provision(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user
         confirm=None if yes or json or not sys.stdin.isatty()
         else lambda q: input(f"{q} [y/N] ").strip().lower() in ("y", "yes"))
     passwords = Passwords(Path(password_file) if password_file else None)
-    session = commands.session_for(settings, host, port, user, identity, known_hosts)
+    session = commands.session_for(settings, host, port, user, identity, known_hosts, ssh_via, agent_via)
     steps, results = commands.provision(session, passwords, inputs, say=(lambda _: None) if json else print)
     print(report.as_json(steps, results) if json else report.steps_table(steps))
     if results and not json:
@@ -223,7 +228,7 @@ def _sample_check(settings: Any) -> Any:
     auto_shortflags=False,
     positional=["action", "file"],
     help={
-        **{k: v for k, v in _SSH_HELP.items() if k != "json"},
+        **{k: v for k, v in _SSH_HELP.items() if k not in ("json", "ssh_via", "agent_via")},
         "action": "check: run the policy's rules in a throw-away Clef here; reset-windows: empty the "
                   "device's spending windows (asks for the master password).",
         "file": "check: the policy YAML.",
@@ -276,7 +281,7 @@ def policy(c: Context, action: str, file: str | None = None, tx: str = "", typed
 def unlock(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: str = "armory",
            identity: str = "",
            known_hosts: str = "", password_file: str = "", json: bool = False,
-           board: str | None = None) -> None:
+           board: str | None = None, ssh_via: str = "", agent_via: str = "") -> None:
     """Give the agent the master password after a boot and wait until it is ready."""
     import json as jsonlib
     from pathlib import Path
@@ -284,7 +289,7 @@ def unlock(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: s
     from provision import commands
     from provision.secrets import Passwords
 
-    session = _session(c, board, host, port, user, identity, known_hosts)
+    session = _session(c, board, host, port, user, identity, known_hosts, ssh_via, agent_via)
     health = commands.unlock(session, Passwords(Path(password_file) if password_file else None))
     print(jsonlib.dumps(health) if json else f"agent {health.get('state')} (Clef {health.get('clef')})")
 
@@ -295,7 +300,7 @@ def unlock(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: s
 def check(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: str = "armory",
           identity: str = "",
           known_hosts: str = "", password_file: str = "", search_passwords: bool = True,
-          json: bool = False, board: str | None = None) -> None:
+          json: bool = False, board: str | None = None, ssh_via: str = "", agent_via: str = "") -> None:
     """Run the key-handling checks alone; non-zero exit if any fails."""
     from pathlib import Path
 
@@ -303,7 +308,7 @@ def check(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: st
     from provision import commands, report
     from provision.secrets import Passwords
 
-    session = _session(c, board, host, port, user, identity, known_hosts)
+    session = _session(c, board, host, port, user, identity, known_hosts, ssh_via, agent_via)
     passwords = Passwords(Path(password_file) if password_file else None) if search_passwords else None
     results = commands.check(session, passwords)
     print(report.as_json(results=results) if json else report.checks_table(results))
@@ -315,13 +320,14 @@ def check(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: st
 @user_errors
 def status(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: str = "armory",
            identity: str = "",
-           known_hosts: str = "", json: bool = False, board: str | None = None) -> None:
+           known_hosts: str = "", json: bool = False, board: str | None = None, ssh_via: str = "",
+           agent_via: str = "") -> None:
     """Show what is set up on the device and whether the agent is ready."""
     import json as jsonlib
 
     from provision import commands, report
 
-    session = _session(c, board, host, port, user, identity, known_hosts)
+    session = _session(c, board, host, port, user, identity, known_hosts, ssh_via, agent_via)
     st = commands.status(session)
     print(jsonlib.dumps(st, indent=2) if json else report.status_text(st))
 
@@ -336,34 +342,50 @@ def status(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: s
         "state": "qcow2 file keeping the device's disk between runs (created on first use); "
                  "default: a throwaway overlay. The built image is never modified.",
         "hold": "Keep the guest running until Ctrl-C (default on; --no-hold stops it once sshd answers).",
+        "link": "tap: a real link, interface --tap at 10.0.0.2/24 with the device at 10.0.0.1 (needs root); "
+                "user: QEMU's user-mode network on loopback ports (no root; use --ssh-via/--agent-via).",
+        "tap": "Name of the laptop-side interface for --link tap (default armory0).",
     }
 )
 @user_errors
 def run_qemu(c: Context, image: str = "", memory: int = 512, cpus: int = 2, timeout: float = 900.0,
-             state: str = "", hold: bool = True) -> None:
-    """Boot the qemu board's image via its U-Boot and extlinux.conf: a stand-in device on loopback ports."""
-    import time
+             state: str = "", hold: bool = True, link: str = "tap", tap: str = "armory0") -> None:
+    """Boot the qemu board's image via its U-Boot: a stand-in device at 10.0.0.1 on a tap (or loopback)."""
+    import contextlib
     from pathlib import Path
 
+    from clef_armory.errors import ConfigError
     from provision import qemu
+    from provision import tap as taps
 
+    if link not in ("tap", "user"):
+        raise ConfigError(f"--link {link!r}: use tap (a real link, needs root) or user (loopback ports)")
     settings = settings_from(c)
-    guest = qemu.QemuGuest(qemu.find_image(settings, Path(image) if image else None), memory_mib=memory,
-                           cpus=cpus, boot_timeout=timeout, state=Path(state) if state else None)
-    with guest:
-        print(f"ssh:   127.0.0.1:{guest.ssh_port} -> {DEVICE_ADDRESS}:{SSH_PORT}  "
-              f"(pinned key: {guest.known_hosts()})")
-        print(f"agent: 127.0.0.1:{guest.agent_port} -> {DEVICE_ADDRESS}:{AGENT_PORT}  "
-              f"(send 'Host: {DEVICE_ADDRESS}:{AGENT_PORT}'; see docs/troubleshooting.md)")
-        print(f"console log: {guest.console_log}")
-        if hold:
-            print("running; Ctrl-C powers the guest off")
-            try:
-                while guest.running:
-                    time.sleep(1.0)
-            except KeyboardInterrupt:
-                pass
-        print("powering off ...")
+    found = qemu.find_image(settings, Path(image) if image else None)  # a wrong image: before any interface
+    with taps.signals_as_interrupt(), contextlib.ExitStack() as stack:
+        made = stack.enter_context(taps.tap_link(tap)) if link == "tap" else None
+        guest = qemu.QemuGuest(found, memory_mib=memory, cpus=cpus, boot_timeout=timeout,
+                               state=Path(state) if state else None, tap=made.name if made else None,
+                               log=lambda line: print(line, flush=True))
+        if made:
+            print(f"link:  {made.name} {made.address} (this machine) <-> {DEVICE_ADDRESS} (the guest); "
+                  "removed when the guest stops", flush=True)
+        with guest:
+            if made:
+                print(f"ssh:   {DEVICE_ADDRESS}:{SSH_PORT} (pinned key: {found.known_hosts})")
+                print(f"agent: http://{DEVICE_ADDRESS}:{AGENT_PORT}  "
+                      f"e.g. ./do provision --host {DEVICE_ADDRESS} --policy POLICY.yaml")
+            else:
+                print(f"ssh:   127.0.0.1:{guest.ssh_port} -> {DEVICE_ADDRESS}:{SSH_PORT}  "
+                      f"(pinned key: {found.known_hosts})")
+                print(f"agent: 127.0.0.1:{guest.agent_port} -> {DEVICE_ADDRESS}:{AGENT_PORT}")
+                print(f"use:   ./do provision --ssh-via 127.0.0.1:{guest.ssh_port} "
+                      f"--agent-via 127.0.0.1:{guest.agent_port} --board qemu ...")
+            print(f"console log: {guest.console_log}")
+            if hold:
+                print("running; Ctrl-C powers the guest off", flush=True)
+                qemu.hold(guest)
+            print("powering off ...", flush=True)
     print("guest stopped")
 
 

@@ -157,6 +157,29 @@ def _create_users(tree: Path, cfg: overlay.DeviceConfig, epoch: int) -> None:
     _chroot(tree, "usermod", "--password", "*", "root", epoch=epoch)
 
 
+# Units the appliance does not need at boot, masked on every board (docs/image.md, "Boot"). Each costs seconds
+# to minutes on the first boot under emulation and some on a Cortex-A7:
+BOOT_TRIM = (
+    # first-boot "update" jobs (ConditionNeedsUpdate): the build already ran ldconfig, the journal catalog
+    # and the hwdb update in the tree (package postinsts), and nothing changes /usr on the device later.
+    "ldconfig.service", "systemd-journal-catalog-update.service", "systemd-hwdb-update.service",
+    "systemd-update-done.service",
+    # foreign-binary formats: the device runs only its own armhf programs.
+    "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount", "proc-sys-fs-binfmt_misc.mount",
+    # kernel debugging/tracing filesystems, FUSE, POSIX queues, pstore: nothing on the device uses them
+    # (and debugfs is attack surface).
+    "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "sys-fs-fuse-connections.mount", "dev-mqueue.mount",
+    "modprobe@drm.service", "modprobe@fuse.service", "modprobe@efi_pstore.service", "systemd-pstore.service",
+    # housekeeping timers for a networked machine (apt, dpkg database backup, fstrim of a card).
+    "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "fstrim.timer",
+    # on the way to sshd (systemd-analyze critical-chain in the guest): static /dev nodes for modules the
+    # appliance never loads (fuse, loop, tun, ...), network config from the kernel command line, udev
+    # rules from credentials, networkd's persistent-storage helper, a separate /run/lock tmpfs.
+    "kmod-static-nodes.service", "systemd-network-generator.service", "systemd-udev-load-credentials.service",
+    "systemd-networkd-persistent-storage.service", "run-lock.mount",
+)
+
+
 def _enable_units(tree: Path, board: Board, epoch: int) -> None:
     enable = ["systemd-networkd.service", "nftables.service", "ssh.service",
               "clef-armory-agent.service"]
@@ -174,7 +197,9 @@ def _enable_units(tree: Path, board: Board, epoch: int) -> None:
             # lexists: the links point at absolute paths inside the image (dangling from here).
             if os.path.lexists(wants / unit):
                 (wants / unit).unlink()
-    _chroot(tree, "systemctl", "mask", "--quiet", *mask, epoch=epoch)
+    _chroot(tree, "systemctl", "mask", "--quiet", *mask, *BOOT_TRIM, epoch=epoch)
+    # Debian's default is graphical.target; the appliance has no display.
+    _chroot(tree, "systemctl", "set-default", "--quiet", "multi-user.target", epoch=epoch)
     # systemd's ssh generator would add sshd listeners on AF_VSOCK and a local AF_UNIX socket:
     # sshd listens on the USB link only.
     generators = tree / "etc" / "systemd" / "system-generators"
@@ -307,6 +332,11 @@ def build_image(
             rendered = overlay.render_all(cfg, overlay_dir)
             installed = overlay.install(tree, rendered, uids, gids)
             overlay.copy_tree(AGENT_SRC, tree / AGENT_DEST)
+            # Bytecode made here: the agent's unit cannot write __pycache__ (ProtectSystem=strict), so
+            # without it every start (and every device_admin call over SSH) compiles the agent again.
+            # checked-hash: valid whatever the files' mtimes (clamped below), deterministic.
+            _chroot(tree, "python3", "-m", "compileall", "-q", "--invalidation-mode", "checked-hash",
+                    f"/{AGENT_DEST}", epoch=fs.source_date_epoch)
             clef_dest = tree / "usr" / "local" / "bin" / "clef"
             shutil.copyfile(clef.path, clef_dest)
             os.chown(clef_dest, 0, 0)

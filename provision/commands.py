@@ -165,6 +165,22 @@ def system_facts(device: Device) -> dict[str, Any]:
         return {"debian_version": None, "image": None, "problem": str(e)}
 
 
+def parse_via(text: str, flag: str) -> tuple[str, int]:
+    """HOST:PORT from --ssh-via / --agent-via (e.g. QEMU's forwarded loopback ports of ``--link user``)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag} {text!r} is not HOST:PORT (e.g. {flag} 127.0.0.1:2222)")
+    return host.strip("[]"), int(port)
+
+
+def _dial_ssh(address: tuple[str, int], timeout: float) -> socket.socket:
+    try:
+        return socket.create_connection(address, timeout=timeout)
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+        raise ProvisionError(f"cannot connect to --ssh-via {address[0]}:{address[1]}: {why}") from None
+
+
 def session_for(
     settings: Any,
     host: str,
@@ -172,13 +188,30 @@ def session_for(
     user: str = "armory",
     identity: str = "",
     known_hosts: str = "",
+    ssh_via: str = "",
+    agent_via: str = "",
 ) -> Session:
-    """The session the tasks use: known_hosts defaults to the build's build/<board>/known_hosts."""
+    """The session the tasks use: known_hosts defaults to the build's build/<board>/known_hosts.
+
+    ``ssh_via`` / ``agent_via`` (HOST:PORT) are where the sockets are dialled instead of host:port and
+    host:8550; everything else stays as for the device itself: the host key pinned for ``host`` and the
+    ``Host: host:8550`` header the agent requires.
+    """
     pinned = Path(known_hosts) if known_hosts else settings.output_dir / settings.board / "known_hosts"
     target = Target(host=host, port=port, user=user,
                     identity=Path(identity).expanduser() if identity else None, known_hosts=pinned)
     agent_host, _, agent_port = DEFAULT.agent_listen.rpartition(":")
-    return Session(target, DEFAULT, Link(host if host != "localhost" else agent_host, int(agent_port)))
+    ssh_socket = None
+    if ssh_via:
+        ssh_address = parse_via(ssh_via, "--ssh-via")
+        ssh_socket = lambda: _dial_ssh(ssh_address, target.timeout)  # noqa: E731
+    connect = None
+    if agent_via:
+        agent_address = parse_via(agent_via, "--agent-via")
+        # Link turns an OSError into "agent at 10.0.0.1:8550 unreachable: ..." (and retries while waiting).
+        connect = lambda _h, _p, timeout: socket.create_connection(agent_address, timeout)  # noqa: E731
+    link = Link(host if host != "localhost" else agent_host, int(agent_port), connect=connect)
+    return Session(target, DEFAULT, link, ssh_socket=ssh_socket)
 
 
 def failed(results: list[checks.CheckResult]) -> list[checks.CheckResult]:

@@ -19,6 +19,10 @@ The built image is never written: the guest's disk is a qcow2 overlay on top of 
 Emulation artefact: a client that dials the forwarded port would send ``Host: 127.0.0.1:PORT``, which
 the agent refuses (its DNS-rebinding defence). ``QemuGuest.link()`` dials the loopback port but speaks
 as if it had dialled 10.0.0.1:8550, which is what a laptop on the real link sends.
+
+With ``tap=NAME`` the guest's NIC is attached instead to a tap interface that provision.tap made (the
+laptop's end of the cable, 10.0.0.2/24): no forwarding, 10.0.0.1:22 and 10.0.0.1:8550 are dialled directly
+and the build's known_hosts is used as it is. That is what ``./do run-qemu`` does by default.
 """
 
 from __future__ import annotations
@@ -165,6 +169,7 @@ class QemuGuest:
         boot_timeout: float = 900.0,
         stop_timeout: float = 120.0,
         log: Log = print,
+        tap: str | None = None,
     ) -> None:
         if memory_mib < 128 or memory_mib > 3072:
             raise QemuError(f"memory {memory_mib} MiB is out of range: use 128..3072 (32-bit guest, TCG)")
@@ -176,6 +181,7 @@ class QemuGuest:
         self.boot_timeout = boot_timeout
         self.stop_timeout = stop_timeout
         self.log = log
+        self.tap = tap  # None: QEMU's user-mode network with loopback forwards
         self._own_workdir = workdir is None
         self._workdir_arg = workdir
         self._state_arg = state
@@ -208,6 +214,9 @@ class QemuGuest:
         try:
             self.start()
         except BaseException:
+            # A guest that has not come up has nobody to answer the power button: stop QEMU at once.
+            with contextlib.suppress(Exception):
+                self.stop(power_down=False)
             self.close(keep_logs=True)
             raise
         return self
@@ -239,6 +248,15 @@ class QemuGuest:
             raise QemuError("qemu-img is missing: run sudo apt-get install -y qemu-utils")
         if self.workdir == Path():
             self._prepare_workdir()
+        if self.tap is not None:
+            self.qmp_socket.unlink(missing_ok=True)
+            t0 = time.monotonic()
+            self._launch()
+            self._wait_for_sshd(t0)
+            took = time.monotonic() - t0
+            self.boot_seconds.append(took)
+            self.log(f"guest up: sshd answers on {DEVICE_ADDRESS}:{SSH_PORT} after {took:.0f} s")
+            return took
         for attempt in range(3):
             if not self.ssh_port or attempt:
                 self.ssh_port, self.agent_port = free_port(), free_port()
@@ -295,7 +313,10 @@ class QemuGuest:
     # -- reaching the guest --------------------------------------------------------------------------
 
     def known_hosts(self) -> Path:
-        """The build's pinned host keys, re-written for [127.0.0.1]:ssh_port (the forwarded port)."""
+        """The build's pinned host keys, re-written for [127.0.0.1]:ssh_port (the forwarded port);
+        on a tap, the build's known_hosts itself."""
+        if self.tap is not None:
+            return self.image.known_hosts
         if self._known_hosts is None:
             lines = []
             for line in self.image.known_hosts.read_text().splitlines():
@@ -311,6 +332,9 @@ class QemuGuest:
 
     def ssh_target(self, identity: Path | None = None, user: str = "armory") -> Target:
         """Where provisioning logs in: the forwarded sshd, with the build's pinned host key."""
+        if self.tap is not None:
+            return Target(host=DEVICE_ADDRESS, port=SSH_PORT, user=user, identity=identity,
+                          known_hosts=self.known_hosts(), timeout=60.0)
         return Target(host="127.0.0.1", port=self.ssh_port, user=user, identity=identity,
                       known_hosts=self.known_hosts(), timeout=60.0)
 
@@ -320,6 +344,8 @@ class QemuGuest:
 
     def link(self, timeout: float = 300.0) -> Link:
         """The agent as a laptop sees it (Host: 10.0.0.1:8550), reached through the forwarded port."""
+        if self.tap is not None:
+            return Link(host=DEVICE_ADDRESS, port=AGENT_PORT, timeout=timeout)
         return Link(host=DEVICE_ADDRESS, port=AGENT_PORT, connect=self.dial_agent, timeout=timeout)
 
     def console_tail(self, lines: int = 20) -> str:
@@ -351,8 +377,10 @@ class QemuGuest:
             self._check_overlay_backing()
             self.log(f"reusing device state in {self.overlay}")
         else:
+            # A kept state file outlives this run's workdir: it must name the build's image itself.
+            backing = self._files["disk.img"] if state is None else self.image.image
             result = subprocess.run(
-                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(self._files["disk.img"]),
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing),
                  str(self.overlay)], capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise QemuError(f"qemu-img create failed: {result.stderr.strip()}")
@@ -379,9 +407,16 @@ class QemuGuest:
                 f"state file {self.overlay} belongs to another image ({backing or 'none'}): "
                 "delete it to start from this image")
 
-    def _command(self) -> list[str]:
+    def _netdev(self) -> list[str]:
+        if self.tap is not None:
+            # The tap exists already (provision.tap made it); QEMU only attaches to it.
+            return ["-netdev", f"tap,id=n,ifname={self.tap},script=no,downscript=no"]
         fwd = (f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-{DEVICE_ADDRESS}:{SSH_PORT},"
                f"hostfwd=tcp:127.0.0.1:{self.agent_port}-{DEVICE_ADDRESS}:{AGENT_PORT}")
+        # restrict=on: the guest cannot reach this machine or beyond; only the forwards get in.
+        return ["-netdev", f"user,id=n,net={LINK_NETWORK},host={HOST_ADDRESS},restrict=on,{fwd}"]
+
+    def _command(self) -> list[str]:
         return [
             "qemu-system-arm", "-M", "virt", "-cpu", "cortex-a15", "-smp", str(self.cpus),
             "-m", str(self.memory_mib), "-nodefaults", "-no-user-config", "-display", "none",
@@ -393,8 +428,7 @@ class QemuGuest:
             "-bios", str(self._files["u-boot.bin"]),
             "-drive", f"file={self.overlay},format=qcow2,if=none,id=hd",
             "-device", "virtio-blk-device,drive=hd",
-            # restrict=on: the guest cannot reach this machine or beyond; only the forwards get in.
-            "-netdev", f"user,id=n,net={LINK_NETWORK},host={HOST_ADDRESS},restrict=on,{fwd}",
+            *self._netdev(),
             "-device", f"virtio-net-device,netdev=n,mac={DEVICE_MAC}",
             # Stands in for the Mk II's hardware RNG, so the guest's entropy is not starved at boot.
             "-object", "rng-random,id=rng,filename=/dev/urandom",
@@ -422,6 +456,8 @@ class QemuGuest:
         if text:
             return text.splitlines()[-1]
         code = self.proc.returncode if self.proc else None
+        if code is not None and code < 0:
+            return f"killed by {signal.Signals(-code).name}"
         if code == 0:  # -no-reboot: the guest reset or powered itself off
             return f"the guest reset or powered off (last console line: {self.console_tail(1) or '(none)'})"
         return f"exit status {code if code is not None else '?'}"
@@ -436,11 +472,11 @@ class QemuGuest:
         # The banner probe runs beside the console watch: until the guest's TCP stack answers, a probe
         # of the forwarded port can hang for seconds, and a failed boot must be seen at once.
         answered, done = threading.Event(), threading.Event()
-        port = self.ssh_port
+        address = (DEVICE_ADDRESS, SSH_PORT) if self.tap is not None else ("127.0.0.1", self.ssh_port)
 
         def probe() -> None:
             while not done.is_set():
-                if _sshd_banner(port):
+                if _sshd_banner(*address):
                     answered.set()
                     return
                 done.wait(1.0)
@@ -557,11 +593,25 @@ class _PortTaken(Exception):
     """QEMU could not bind a forwarded port (someone took it after free_port chose it)."""
 
 
-def _sshd_banner(port: int) -> bool:
-    """True when an SSH server greets on 127.0.0.1:port (QEMU accepts and closes until the guest listens)."""
+def _sshd_banner(host: str, port: int) -> bool:
+    """True when an SSH server greets on host:port (QEMU's forward accepts and closes until the guest
+    listens; on a tap, the connect times out or is refused until then)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5.0) as s:
+        with socket.create_connection((host, port), timeout=5.0) as s:
             s.settimeout(10.0)
             return s.recv(64).startswith(b"SSH-")
     except OSError:
         return False
+
+
+def hold(guest: QemuGuest, poll: float = 1.0) -> None:
+    """Wait while the guest runs; Ctrl-C (or SIGTERM/SIGHUP, see provision.tap) returns so the caller powers
+    it off. QEMU ending by itself (killed, crashed, the guest reset) is an error naming why."""
+    try:
+        while guest.running:
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        return
+    why = guest._qemu_error()
+    guest.proc = None
+    raise QemuError(f"qemu-system-arm stopped: {why} (console: {guest.console_log})")

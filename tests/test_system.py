@@ -1,11 +1,19 @@
 """The whole path, as a user's laptop sees it, on the qemu board standing in for a USB armory.
 
-build (or reuse) the qemu image -> boot it in qemu-system-arm -> provision over SSH with the build's
-pinned host key -> the checks pass -> through the forwarded agent port: list accounts, sign a text
-message and an EIP-1559 transaction, recover both to the provisioned address with eth-account ->
-power-cycle -> signing is refused while locked -> unlock -> signing works again -> a foreign Host
-and a foreign Origin are refused. The guest boots like a USB armory: U-Boot reads the disk's
-extlinux.conf; a copy of the image with a broken one must fail at once, with the reason.
+build (or reuse) the qemu image -> in a network namespace made for the test (the laptop), `./do run-qemu`
+boots it on a tap at 10.0.0.2/24 with the device at 10.0.0.1 -> `./do provision --host 10.0.0.1 --policy
+docs/examples/policy.yaml` (master password from a 0600 --password-file, the generated words shown on and
+typed back through a real pseudo-terminal) -> `./do check --json` passes -> through 10.0.0.1:8550: list
+accounts, sign a text message and an EIP-1559 transaction, recover both to the provisioned address with
+eth-account -> power-cycle (Ctrl-C to run-qemu, the tap goes, run it again on the same --state) -> signing is
+refused while locked, `./do status --json` says locked -> `./do unlock` -> signing works again -> a foreign
+Host and a foreign Origin are refused. Every command is the real command line, run as a subprocess inside
+the namespace; its exit code and output are asserted. The guest boots like a USB armory: U-Boot reads the
+disk's extlinux.conf; a copy of the image with a broken one must fail at once, with the reason; QEMU killed
+under run-qemu is one line and no interface left.
+
+One guest for the module (``device``: booted and provisioned, in the namespace ``device.ns``): later steps
+add tests that take ``device`` and run more commands with ``device.do(...)`` or dial ``device.link()``.
 
 Slow (software emulation): minutes. Timings of every phase are written to
 build/system-test/timings.json and printed (see docs/architecture.md for the measured numbers).
@@ -13,11 +21,13 @@ build/system-test/timings.json and printed (see docs/architecture.md for the mea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,17 +38,21 @@ import pytest
 
 from clef_armory import config
 from clef_armory.errors import QemuError
-from provision import commands, qemu
-from provision.secrets import Passwords
-from tests.words_helpers import ScriptedTerminal
+from provision import qemu
+from provision.link import Link
+from provision.qemu import terminate
+from tests.netns_helpers import Background, connect_in, do, ip, links, namespace, run_do
+from tests.words_helpers import PtyUser
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parent.parent
-# The one address the test policy lets the device sign for; EIP-55 (Clef refuses a lower-case `to`).
-RECIPIENT = "0xD1d1d1D1d1d1D1d1D1D1D1d1d1D1D1D1d1D1d1d1"
-ALLOWED_ORIGIN = "https://dapp.example"
-CHAIN_ID = 1
+# The policy a user would start from; the docs' snippets (docs/clients.md) are written against it.
+POLICY = REPO / "docs" / "examples" / "policy.yaml"
+# The one address that policy lets the device pay; EIP-55 (Clef refuses a lower-case `to`).
+RECIPIENT = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+ALLOWED_ORIGIN = "https://app.example"
+CHAIN_ID = 1337  # geth --dev's chain: the docs' snippets send through a dev node on it
 # Generous bounds: Clef's standard scrypt (N=262144, 256 MiB) under TCG takes tens of seconds.
 SIGN_TIMEOUT = 600.0
 READY_TIMEOUT = 900.0
@@ -142,93 +156,137 @@ def built(settings: config.Settings, timings: Timings) -> tuple[qemu.GuestImage,
     return image, identity
 
 
-# -- the guest --------------------------------------------------------------------------------------
+# -- the guest: `./do run-qemu` in the test's namespace ----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def guest(built: tuple[qemu.GuestImage, Path], tmp_path_factory: pytest.TempPathFactory,
-          timings: Timings) -> Iterator[qemu.QemuGuest]:
-    image, _ = built
-    workdir = tmp_path_factory.mktemp("qemu")  # kept by pytest: the console log survives a failure
-    g = qemu.QemuGuest(image, workdir=workdir, memory_mib=GUEST_MEMORY_MIB, cpus=2,
-                       boot_timeout=READY_TIMEOUT)
-    try:
-        timings.add("boot_to_sshd", g.start())
-        yield g
-    finally:
+def lab() -> Iterator[str]:
+    """The laptop's network namespace (10.0.0.x exists only in there)."""
+    with namespace("sys") as ns:
+        yield ns
+
+
+@dataclasses.dataclass
+class Device:
+    """The booted guest as the user reaches it: commands run inside ``ns``; sockets made there."""
+
+    ns: str
+    image: qemu.GuestImage
+    identity: Path
+    state: Path
+    password_file: Path
+    timings: Timings
+    run: Background | None = None
+    address: str = ""  # the provisioned account (lower case), set by the ``provisioned`` fixture
+
+    def do(self, *args: str, timeout: float = 1800.0, **kw: Any) -> subprocess.CompletedProcess[str]:
+        """``./do TASK ARGS`` in the namespace, with the build's pinned key and the test's login key."""
+        task, *rest = args
+        ssh = ["--known-hosts", str(self.image.known_hosts), "--identity", str(self.identity)]
+        return run_do(self.ns, task, *(ssh if task in ("provision", "unlock", "check", "status") else []),
+                      *rest, timeout=timeout, **kw)
+
+    def link(self, timeout: float = SIGN_TIMEOUT) -> Link:
+        """10.0.0.1:8550 dialled from inside the namespace, as any client on the laptop would."""
+        return Link(host=qemu.DEVICE_ADDRESS, port=qemu.AGENT_PORT, timeout=timeout,
+                    connect=lambda host, port, t: connect_in(self.ns, (host, port), t))
+
+    def boot(self) -> float:
+        """`./do run-qemu --state ...` until it says the guest is up; returns boot -> sshd seconds."""
+        assert self.run is None or self.run.proc.poll() is not None
+        self.run = Background(do(self.ns, "run-qemu", "--image", str(self.image.image), "--state",
+                                 str(self.state), "--memory", str(GUEST_MEMORY_MIB), "--timeout",
+                                 str(READY_TIMEOUT)))
+        self.run.wait_for("running; Ctrl-C powers the guest off", READY_TIMEOUT + 60)
+        assert "armory0" in links(self.ns)
+        up = self.run.wait_for("guest up: sshd answers on 10.0.0.1:22 after", 5)
+        assert "link:  armory0 10.0.0.2/24" in "\n".join(self.run.lines), self.run.output()
+        return float(re.search(r"after (\d+) s", up).group(1))  # type: ignore[union-attr]
+
+    def power_off(self) -> float:
+        """Ctrl-C to run-qemu: the guest powers off cleanly, the tap is gone, exit 0."""
+        assert self.run is not None
         t0 = time.monotonic()
-        clean = g.stop()
-        timings.add("power_off", time.monotonic() - t0)
-        print(f"[system] guest powered off {'cleanly' if clean else 'by force'}; console: {g.console_log}")
+        self.run.interrupt()
+        code = self.run.finish(300)
+        assert code == 0 and "guest stopped" in self.run.lines, self.run.output()
+        assert "armory0" not in links(self.ns)
+        return time.monotonic() - t0
 
 
 @pytest.fixture(scope="module")
-def passwords() -> Passwords:
-    """Fresh passwords per run, held in memory only (never argv, environment or disk)."""
-    chosen = {"master": secrets.token_urlsafe(18), "account": secrets.token_urlsafe(18)}
-    return Passwords(ask=lambda prompt: chosen["master" if "master" in prompt else "account"])
+def device(built: tuple[qemu.GuestImage, Path], lab: str, tmp_path_factory: pytest.TempPathFactory,
+           timings: Timings) -> Iterator[Device]:
+    """The guest, booted by `./do run-qemu` on the tap in ``lab`` (one boot for the module, plus the
+    power cycle of test_locked_after_reboot_until_unlocked)."""
+    image, identity = built
+    work = tmp_path_factory.mktemp("device")  # kept by pytest: the state survives a failure for a look
+    secret = work / "passwords"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:  # the master password only: the account's are the generated words
+        f.write(f"master: {secrets.token_urlsafe(18)}\n")
+    dev = Device(lab, image, identity, work / "state.qcow2", secret, timings)
+    try:
+        timings.add("boot_to_sshd", dev.boot())
+        yield dev
+    finally:
+        if dev.run is not None and dev.run.proc.poll() is None:
+            timings.add("power_off", dev.power_off())
 
 
-class CallClock:
-    """Session.before_call hook: when each device-helper call starts, to time provisioning's steps."""
+def _provision_on_a_pty(dev: Device, *args: str) -> tuple[subprocess.CompletedProcess[str], PtyUser]:
+    """Run provision with a real terminal as its controlling tty (where the generated words go);
+    stdout/stderr are pipes, as in a script. The user on the pty writes the words down, types two back."""
+    import fcntl
+    import termios
 
-    def __init__(self) -> None:
-        self.marks: list[tuple[str, float]] = []
-
-    def __call__(self, device: object, name: str) -> None:
-        self.marks.append((name, time.monotonic()))
-
-    def durations(self, end: float) -> list[tuple[str, float]]:
-        ends = [t for _, t in self.marks[1:]] + [end]
-        return [(name, e - t) for (name, t), e in zip(self.marks, ends, strict=True)]
-
-
-def _session(guest: qemu.QemuGuest, identity: Path, clock: CallClock | None = None) -> commands.Session:
-    return commands.Session(guest.ssh_target(identity), link=guest.link(timeout=SIGN_TIMEOUT),
-                            before_call=clock)
+    with PtyUser() as user:
+        slave = os.open(user.path, os.O_RDWR)
+        try:
+            result = subprocess.run(
+                do(dev.ns, "provision", "--known-hosts", str(dev.image.known_hosts), "--identity",
+                   str(dev.identity), *args),
+                cwd=REPO, stdin=slave, capture_output=True, text=True, timeout=3000, check=False,
+                start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        finally:
+            os.close(slave)
+    return result, user
 
 
 @pytest.fixture(scope="module")
-def provisioned(guest: qemu.QemuGuest, built: tuple[qemu.GuestImage, Path], passwords: Passwords,
-                timings: Timings, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Provision the guest with the policy below; returns the new account's address."""
-    _, identity = built
+def provisioned(device: Device, timings: Timings) -> Device:
+    """`./do provision --host 10.0.0.1 --policy docs/examples/policy.yaml --chain-id 1337` as a user types
+    it (plus the test's key and the build's known_hosts, which live outside build/qemu/); sets
+    device.address."""
     t0 = time.monotonic()
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
-    policy.write_text(
-        f"chain_ids: [{CHAIN_ID}]\n"
-        f"recipients: [\"{RECIPIENT}\"]\n"
-        "max_value_eth: \"0.05\"\n"
-        f"origins: [\"{ALLOWED_ORIGIN}\"]\n"
-        "allow_no_origin: true\n"
-        "allow_text_signing: true\n"
-    )
-    clock = CallClock()
-    # The checks run once, as `invoke check` (test_check_passes): under emulation their search of the
-    # whole filesystem for the secrets takes minutes.
-    # The account password is generated (12 words, light scrypt: cheap signatures), as by default;
-    # there is no terminal here, so a scripted one plays the user who writes the words down.
-    terminal = ScriptedTerminal()
-    inputs = commands.ProvisionInputs(accounts=1, policy_file=policy, chain_id=CHAIN_ID, run_checks=False,
-                                      terminal=lambda: terminal)
-    steps, _ = commands.provision(_session(guest, identity, clock), passwords, inputs)
-    assert len(terminal.written) == 1 and terminal.closed  # one word set shown, then the terminal let go
-    end = time.monotonic()
-    timings.add("provision_total", end - t0)
-    for i, (name, took) in enumerate(clock.durations(end)):
-        timings.add(f"provision_{i:02d}_{name}", took)
-    accounts = [s.detail for s in steps if s.name == "new account"]
-    assert len(accounts) == 1, steps
-    return accounts[0].lower()
+    # The checks run once, as `./do check` (test_check_passes): under emulation their search of the whole
+    # filesystem for the secrets takes minutes.
+    result, user = _provision_on_a_pty(device, "--host", "10.0.0.1", "--policy", str(POLICY),
+                                       "--chain-id", str(CHAIN_ID), "--password-file",
+                                       str(device.password_file), "--no-checks", "--yes")
+    timings.add("provision_total", time.monotonic() - t0)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert len(user.written) == 1 and len(user.written[0]) == 12, user.screen[-500:]
+    phrase = " ".join(user.written[0])
+    assert phrase not in result.stdout + result.stderr, "the words leaked into the output"
+    found = re.search(r"^new account\s+changed\s+(0x[0-9a-f]{40})$", result.stdout, re.M)
+    assert found, result.stdout
+    assert re.search(r"^agent unlock\s+\w+\s+unlocked, ready", result.stdout, re.M), result.stdout
+    device.address = found.group(1).lower()
+    # For `./do check`: a second 0600 file with the words too, so the checks search the device for both.
+    with_words = device.password_file.with_name("passwords-all")
+    fd = os.open(with_words, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(device.password_file.read_text() + f"account: {phrase}\n")
+    return device
 
 
 # -- signing through the link -------------------------------------------------------------------------
 
 
-def _sign_text(guest: qemu.QemuGuest, address: str, text: str,
+def _sign_text(dev: Device, address: str, text: str,
                headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    return guest.link(timeout=SIGN_TIMEOUT).rpc(
-        "account_signData", ["text/plain", address, "0x" + text.encode().hex()], headers)
+    return dev.link().rpc("account_signData", ["text/plain", address, "0x" + text.encode().hex()], headers)
 
 
 def _tx(address: str) -> dict[str, str]:
@@ -294,87 +352,118 @@ def test_broken_extlinux_fails_fast(built: tuple[qemu.GuestImage, Path], tmp_pat
     assert guest.proc is None
 
 
-def test_check_passes(guest: qemu.QemuGuest, built: tuple[qemu.GuestImage, Path], provisioned: str,
-                      passwords: Passwords, timings: Timings) -> None:
-    _, identity = built
+def test_run_qemu_removes_the_tap_when_qemu_dies(built: tuple[qemu.GuestImage, Path], tmp_path: Path,
+                                                 timings: Timings) -> None:
+    """QEMU killed under `./do run-qemu` (a crash): one line, exit 1, no interface left. Runs before the
+    module's guest, in its own namespace, and kills QEMU seconds into the boot (no second full boot)."""
+    image, _ = built
+    with namespace("die") as ns:
+        run = Background(do(ns, "run-qemu", "--image", str(image.image)))
+        run.wait_for("booting ", 120)
+        assert "armory0" in links(ns)
+        pids = [int(p) for p in ip("netns", "pids", ns).stdout.split()]
+        qemus = [p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "qemu-system-arm"]
+        assert len(qemus) == 1, pids
+        os.kill(qemus[0], signal.SIGKILL)
+        code = run.finish(120)
+        errors = [line for line in run.errors if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1, run.output()
+        assert "qemu-system-arm stopped" in errors[0] and "killed by SIGKILL" in errors[0], errors
+        assert "Traceback" not in run.output()
+        assert links(ns) == ["lo"]
+
+
+def test_check_passes(provisioned: Device, timings: Timings) -> None:
+    dev = provisioned
     t0 = time.monotonic()
-    results = commands.check(_session(guest, identity), passwords, text_signing=True)
+    result = dev.do("check", "--json", "--password-file", str(dev.password_file.with_name("passwords-all")))
     timings.add("check", time.monotonic() - t0)
-    failed = [f"{r.name}: {r.reason}" for r in results if not r.ok]
-    assert results and not failed, failed
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    report = json.loads(result.stdout)
+    failed = [f"{r['name']}: {r['reason']}" for r in report["checks"] if not r["ok"]]
+    assert report["ok"] and not failed and len(report["checks"]) >= 15, failed
 
 
-def test_list_and_sign_through_the_link(guest: qemu.QemuGuest, provisioned: str, timings: Timings) -> None:
+def test_list_and_sign_through_the_link(provisioned: Device, timings: Timings) -> None:
     from eth_account import Account
 
-    link = guest.link(timeout=SIGN_TIMEOUT)
+    dev = provisioned
+    link = dev.link()
     status, body = link.rpc("account_list", [])
     assert status == 200, body
-    assert [a.lower() for a in body["result"]] == [provisioned]
+    assert [a.lower() for a in body["result"]] == [dev.address]
 
     text = f"clef-armory system test {secrets.token_hex(4)}"
     t0 = time.monotonic()
-    status, body = _sign_text(guest, provisioned, text)
+    status, body = _sign_text(dev, dev.address, text)
     timings.add("sign_text", time.monotonic() - t0)
     assert status == 200 and "result" in body, body
-    assert _recover_text(text, body["result"]) == provisioned
+    assert _recover_text(text, body["result"]) == dev.address
 
     t0 = time.monotonic()
-    status, body = link.rpc("account_signTransaction", [_tx(provisioned)])
+    status, body = link.rpc("account_signTransaction", [_tx(dev.address)])
     timings.add("sign_eip1559", time.monotonic() - t0)
     assert status == 200 and "result" in body, body
     raw = body["result"]["raw"]
     assert raw.startswith("0x02"), "not an EIP-1559 (type 2) transaction"
-    assert str(Account.recover_transaction(raw)).lower() == provisioned
+    assert str(Account.recover_transaction(raw)).lower() == dev.address
     signed = body["result"]["tx"]
     assert signed["to"].lower() == RECIPIENT.lower() and int(signed["value"], 16) == 10**16
     assert int(signed["chainId"], 16) == CHAIN_ID
 
     # The rules still decide: a recipient outside the policy is refused.
     outsider = "0xEeeeeEeeeEeEeeEeEeEeeEEEeeeeEeeeeeeeEEeE"
-    status, body = link.rpc("account_signTransaction", [{**_tx(provisioned), "to": outsider}])
+    status, body = link.rpc("account_signTransaction", [{**_tx(dev.address), "to": outsider}])
     assert "request denied" in str((body or {}).get("error")), body
 
 
-def test_locked_after_reboot_until_unlocked(guest: qemu.QemuGuest, built: tuple[qemu.GuestImage, Path],
-                                           provisioned: str, passwords: Passwords, timings: Timings) -> None:
-    _, identity = built
+def test_locked_after_reboot_until_unlocked(provisioned: Device, timings: Timings) -> None:
+    dev = provisioned
     t0 = time.monotonic()
-    timings.add("power_cycle_to_sshd", guest.power_cycle())
-    health = _wait_for_state(guest, "locked", READY_TIMEOUT)
+    timings.add("power_off_for_cycle", dev.power_off())
+    timings.add("power_cycle_to_sshd", dev.boot())
+    health = _wait_for_state(dev, "locked", READY_TIMEOUT)
     timings.add("power_cycle_to_agent_locked", time.monotonic() - t0)
     assert health["state"] == "locked"
 
-    status, body = _sign_text(guest, provisioned, "must not be signed while locked")
+    status, body = _sign_text(dev, dev.address, "must not be signed while locked")
     assert "result" not in (body or {}), body
     assert status != 200 or "error" in body
 
+    result = dev.do("status", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    st = json.loads(result.stdout)
+    assert st["agent"]["state"] == "locked" and st["health"]["state"] == "locked", st
+    assert [a["address"].lower() for a in st["device"]["accounts"]] == [dev.address]
+
     t0 = time.monotonic()
-    health = commands.unlock(_session(guest, identity), passwords)
+    result = dev.do("unlock", "--password-file", str(dev.password_file))
     timings.add("unlock_to_ready", time.monotonic() - t0)
-    assert health["state"] == "ready"
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().startswith("agent ready (Clef 1.17.3"), result.stdout
 
     text = "signed again after unlock"
     t0 = time.monotonic()
-    status, body = _sign_text(guest, provisioned, text)
+    status, body = _sign_text(dev, dev.address, text)
     timings.add("sign_text_after_unlock", time.monotonic() - t0)
-    assert status == 200 and _recover_text(text, body["result"]) == provisioned
+    assert status == 200 and _recover_text(text, body["result"]) == dev.address
 
 
-def test_foreign_host_and_origin_refused(guest: qemu.QemuGuest, provisioned: str) -> None:
-    link = guest.link(timeout=SIGN_TIMEOUT)
+def test_foreign_host_and_origin_refused(provisioned: Device) -> None:
+    dev = provisioned
+    link = dev.link()
     status, body = link.rpc("account_list", [], {"Host": "evil.example:8550"})
     assert status == 403 and "result" not in (body or {}), (status, body)
     status, body = link.rpc("account_list", [], {"Origin": "https://evil.example"})
     assert status == 403 and "result" not in (body or {}), (status, body)
     # ... while the policy's own Origin is served (so the refusals above are about the header).
     status, body = link.rpc("account_list", [], {"Origin": ALLOWED_ORIGIN})
-    assert status == 200 and [a.lower() for a in body["result"]] == [provisioned], (status, body)
-    status, body = _sign_text(guest, provisioned, "from a foreign page", {"Origin": "https://evil.example"})
+    assert status == 200 and [a.lower() for a in body["result"]] == [dev.address], (status, body)
+    status, body = _sign_text(dev, dev.address, "from a foreign page", {"Origin": "https://evil.example"})
     assert status == 403 and "result" not in (body or {}), (status, body)
 
 
-def _wait_for_state(guest: qemu.QemuGuest, state: str, timeout: float) -> dict[str, Any]:
+def _wait_for_state(dev: Device, state: str, timeout: float) -> dict[str, Any]:
     """Poll the agent's /health through the link until it reports ``state`` (bounded)."""
     from clef_armory.errors import ProvisionError
 
@@ -382,7 +471,7 @@ def _wait_for_state(guest: qemu.QemuGuest, state: str, timeout: float) -> dict[s
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            health = guest.link(timeout=30).health()
+            health = dev.link(timeout=30).health()
             if health.get("state") == state:
                 return health
             last = health
@@ -390,3 +479,231 @@ def _wait_for_state(guest: qemu.QemuGuest, state: str, timeout: float) -> dict[s
             last = str(e)
         time.sleep(2.0)
     raise AssertionError(f"agent did not report {state!r} within {timeout:.0f} s (last: {last})")
+
+
+# -- the docs, run as written against the guest -----------------------------------------------------------
+# docs/clients.md and docs/quickstart.md are read here and their commands run unchanged inside the lab
+# namespace, except where a page says "YOUR-..." (the test fills in the address and a node) and geth's
+# network flag (--dev: a throwaway chain on this machine instead of Sepolia; chain id 1337, which the device
+# is provisioned for and docs/examples/policy.yaml allows).
+
+DOCS = REPO / "docs"
+NODE_PORT = 8545
+
+
+def fenced_blocks(page: Path, heading: str, lang: str) -> list[str]:
+    """The ```lang blocks under ``## heading`` (up to the next ## heading) of a docs page."""
+    text = page.read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    section = text[start:end if end >= 0 else len(text)]
+    return re.findall(rf"^```{lang}\n(.*?)^```$", section, re.S | re.M)
+
+
+def json_documents(text: str) -> list[Any]:
+    """JSON values printed one after another (curl -s prints no newline between answers)."""
+    decoder, docs, at = json.JSONDecoder(), [], 0
+    while at < len(text):
+        if text[at].isspace():
+            at += 1
+            continue
+        doc, at = decoder.raw_decode(text, at)
+        docs.append(doc)
+    return docs
+
+
+def _in_ns(dev: Device, argv: list[str], timeout: float = 600, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", dev.ns, *argv], capture_output=True, text=True,
+                          timeout=timeout, check=False, start_new_session=True, **kw)
+
+
+def _node_rpc(dev: Device, method: str, params: list[Any]) -> Any:
+    link = Link(host="127.0.0.1", port=NODE_PORT, timeout=60,
+                connect=lambda host, port, t: connect_in(dev.ns, (host, port), t))
+    status, body = link.rpc(method, params)
+    assert status == 200 and "result" in body, (method, body)
+    return body["result"]
+
+
+@contextlib.contextmanager
+def _geth(dev: Device, argv: list[str], datadir: Path) -> Iterator[None]:
+    """A geth in the lab namespace, answering JSON-RPC on its 127.0.0.1:8545 (stopped afterwards)."""
+    log = (datadir / "geth.log").open("wb")
+    quiet = ["--http.addr", "127.0.0.1", "--http.port", str(NODE_PORT), "--port", "0", "--nodiscover",
+             "--maxpeers", "0", "--ipcdisable"]  # loopback RPC only, no peers
+    proc = subprocess.Popen(["ip", "netns", "exec", dev.ns, *argv, *quiet], stdout=log, stderr=log,
+                            start_new_session=True)
+    try:
+        deadline, last = time.monotonic() + 120, ""
+        while True:
+            assert proc.poll() is None, (datadir / "geth.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, f"geth did not answer: {last}"
+            try:
+                _node_rpc(dev, "eth_chainId", [])
+                break
+            except Exception as e:  # not listening yet
+                last = str(e)
+                time.sleep(1)
+        yield
+    finally:
+        terminate(proc, grace=20)
+        log.close()
+
+
+def _genesis(address: str) -> dict[str, Any]:
+    """A one-node chain 1337 whose genesis pays the armory's account (nothing mines on it)."""
+    forks = ["homestead", "eip150", "eip155", "eip158", "byzantium", "constantinople", "petersburg",
+             "istanbul", "berlin", "london", "mergeNetsplit"]
+    return {
+        "config": {"chainId": CHAIN_ID, **{f"{f}Block": 0 for f in forks}, "terminalTotalDifficulty": 0,
+                   "shanghaiTime": 0, "cancunTime": 0,
+                   "blobSchedule": {"cancun": {"target": 3, "max": 6, "baseFeeUpdateFraction": 3338477}}},
+        "difficulty": "0x0", "gasLimit": hex(30_000_000), "baseFeePerGas": hex(10**9),
+        "alloc": {address: {"balance": hex(10**18)}},
+    }
+
+
+@pytest.fixture
+def geth_signer(provisioned: Device, geth_binary: Path, tmp_path: Path, timings: Timings) -> Iterator[Device]:
+    """docs/clients.md's geth line as written, with a local chain for --sepolia (no network here): geth
+    signs through the armory and puts the result in its transaction pool (nothing mines on this chain)."""
+    dev = provisioned
+    (line,) = [x for x in fenced_blocks(DOCS / "clients.md", "geth (`--signer`)", "sh")[0].splitlines()
+               if x.startswith("geth --sepolia --signer")]
+    argv = line.split("#")[0].split()
+    assert argv[:4] == ["geth", "--sepolia", "--signer", "http://10.0.0.1:8550"], argv
+    (tmp_path / "genesis.json").write_text(json.dumps(_genesis(dev.address)))
+    subprocess.run([str(geth_binary), "init", "--datadir", str(tmp_path / "data"),
+                    str(tmp_path / "genesis.json")], check=True, capture_output=True, timeout=120)
+    t0 = time.monotonic()
+    with _geth(dev, [str(geth_binary), "--datadir", str(tmp_path / "data"), "--networkid", str(CHAIN_ID),
+                     *argv[2:]], tmp_path):
+        timings.add("geth_signer_up", time.monotonic() - t0)
+        yield dev
+
+
+@pytest.fixture(scope="module")
+def dev_chain(provisioned: Device, geth_binary: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
+    """`geth --dev` in the lab namespace: the "YOUR-NODE" of the web3.py and ethers.js snippets (chain 1337,
+    mines each transaction at once). Its own account pays the armory's 1 ETH first."""
+    dev = provisioned
+    datadir = tmp_path_factory.mktemp("geth-dev")
+    with _geth(dev, [str(geth_binary), "--dev", "--datadir", str(datadir), "--http", "--http.api",
+                     "eth,net,web3"], datadir):
+        assert int(_node_rpc(dev, "eth_chainId", []), 16) == CHAIN_ID
+        (funder,) = _node_rpc(dev, "eth_accounts", [])
+        _node_rpc(dev, "eth_sendTransaction", [{"from": funder, "to": dev.address, "value": hex(10**18)}])
+        _wait_for(lambda: int(_node_rpc(dev, "eth_getBalance", [dev.address, "latest"]), 16) > 0, 60,
+                  "the armory's account to be paid on the dev chain")
+        yield dev
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"waited {timeout:.0f} s for {what}")
+
+
+def _mined_from(dev: Device, tx_hash: str) -> str:
+    """The sender of a transaction the dev chain has mined (waits for the receipt)."""
+    tx_hash = tx_hash if tx_hash.startswith("0x") else "0x" + tx_hash
+    _wait_for(lambda: _node_rpc(dev, "eth_getTransactionReceipt", [tx_hash]) is not None, 60, "the receipt")
+    return str(_node_rpc(dev, "eth_getTransactionByHash", [tx_hash])["from"]).lower()
+
+
+def test_docs_quickstart_checks(provisioned: Device) -> None:
+    """quickstart.md's "Plug in" checks, as typed: the laptop's 10.0.0.2 and the armory's /health."""
+    (block,) = [b for b in fenced_blocks(DOCS / "quickstart.md", "3. Plug in", "sh")]
+    result = _in_ns(provisioned, ["sh", "-ec", block])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^armory0\s+UP\s+10\.0\.0\.2/24", result.stdout, re.M), result.stdout
+    (health,) = json_documents(result.stdout[result.stdout.index("{"):])
+    assert health["state"] in ("ready", "locked") and health["clef"].startswith("1.17.3"), health
+
+
+def test_docs_clients_curl(provisioned: Device) -> None:
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+    from eth_utils import to_checksum_address
+
+    dev = provisioned
+    (block,) = fenced_blocks(DOCS / "clients.md", "curl", "sh")
+    script = block.replace("0xYOURADDRESS", to_checksum_address(dev.address))
+    script = script.replace("\nCHAIN=0x1 ", f"\nCHAIN={hex(CHAIN_ID)} ")  # provisioned for geth --dev's chain
+    assert f"\nCHAIN={hex(CHAIN_ID)} " in script, script
+    result = _in_ns(dev, ["sh", "-ec", script])
+    assert result.returncode == 0, result.stdout + result.stderr
+    health, listing, text_sig, tx = json_documents(result.stdout)
+    assert health["state"] == "ready", health
+    assert [a.lower() for a in listing["result"]] == [dev.address], listing
+    assert str(Account.recover_message(encode_defunct(text="hello"), signature=text_sig["result"])).lower() \
+        == dev.address, text_sig
+    assert "result" in tx, tx
+    assert str(Account.recover_transaction(tx["result"]["raw"])).lower() == dev.address, tx
+    assert int(tx["result"]["tx"]["chainId"], 16) == CHAIN_ID, tx
+
+
+def test_docs_clients_geth_signer(geth_signer: Device, geth_binary: Path) -> None:
+    """The `geth attach` console lines of clients.md: eth.accounts asks the armory; sendTransaction is
+    signed by it (the transaction geth then holds is from the armory's account)."""
+    dev = geth_signer
+    block = fenced_blocks(DOCS / "clients.md", "geth (`--signer`)", "sh")[0]
+    statements, current = [], ""
+    for line in block.splitlines():
+        if line.startswith("> "):
+            if current:
+                statements.append(current)
+            current = line[2:].split("//")[0].strip()
+        elif current and line.startswith(" "):
+            current += " " + line.strip()
+    statements.append(current)
+    assert statements[0] == "eth.accounts" and statements[1].startswith("eth.sendTransaction("), statements
+    url = f"http://127.0.0.1:{NODE_PORT}"
+    accounts = _in_ns(dev, [str(geth_binary), "attach", "--exec", statements[0], url])
+    assert accounts.returncode == 0, accounts.stdout + accounts.stderr
+    assert dev.address in accounts.stdout.lower(), accounts.stdout
+    sent = _in_ns(dev, [str(geth_binary), "attach", "--exec", statements[1], url], timeout=SIGN_TIMEOUT)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    (tx_hash,) = re.findall(r"0x[0-9a-f]{64}", sent.stdout)
+    tx = _node_rpc(dev, "eth_getTransactionByHash", [tx_hash])  # in geth's pool, signed by the armory
+    assert tx["from"].lower() == dev.address and tx["to"].lower() == RECIPIENT.lower(), tx
+    assert int(tx["value"], 16) == 10**16 and int(tx["chainId"], 16) == CHAIN_ID, tx
+
+
+def test_docs_clients_web3py(dev_chain: Device) -> None:
+    import sys
+
+    dev = dev_chain
+    (block,) = fenced_blocks(DOCS / "clients.md", "web3.py", "python")
+    script = block.replace("https://YOUR-NODE", f"http://127.0.0.1:{NODE_PORT}")
+    assert script != block
+    result = _in_ns(dev, [sys.executable, "-c", script], timeout=SIGN_TIMEOUT, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (tx_hash,) = re.findall(r"(?:0x)?[0-9a-f]{64}", result.stdout)
+    assert _mined_from(dev, tx_hash) == dev.address
+
+
+def test_docs_clients_ethers(dev_chain: Device) -> None:
+    from tests.agent_helpers import require_tool
+    from tests.test_ethapi_clients import JS_DIR, ensure_node_modules
+
+    dev = dev_chain
+    node = require_tool("node")
+    ensure_node_modules()
+    (block,) = fenced_blocks(DOCS / "clients.md", "ethers.js (v6)", "js")
+    script = block.replace("https://YOUR-NODE", f"http://127.0.0.1:{NODE_PORT}")
+    assert script != block
+    path = JS_DIR / f".docs-snippet-{secrets.token_hex(4)}.mjs"  # beside node_modules, so "ethers" resolves
+    path.write_text(script)
+    try:
+        result = _in_ns(dev, [node, str(path)], timeout=SIGN_TIMEOUT, cwd=JS_DIR)
+    finally:
+        path.unlink()
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.split()
+    assert lines[:2] == ["true", "true"], result.stdout
+    assert _mined_from(dev, lines[2]) == dev.address
