@@ -4,10 +4,10 @@ Schema (every key optional; the defaults are the device's values from docs/desig
 
     [clef]
     binary = "/usr/local/bin/clef"
-    state_dir = "/var/lib/clef-armory"   # configdir = <state_dir>/clef, keystore = <state_dir>/keystore
+    state_dir = "/var/lib/clef-armory/agent"   # configdir = <state_dir>/clef, keystore = <state_dir>/keystore
     chain_id = 1
     http_port = 8551                     # Clef's own HTTP, always on 127.0.0.1; never 8550
-    rules = "/var/lib/clef-armory/rules.js"   # passed as --rules when the file exists
+    rules = "/var/lib/clef-armory/agent/rules.js"   # passed as --rules when the file exists
     lightkdf = false                     # only for tests: weak scrypt for NEW keys
     restart_backoff_max = 30.0           # seconds; Clef restarts back off 1, 2, 4 ... up to this
     startup_timeout = 60.0               # seconds Clef may take to ask for the master password / start
@@ -40,7 +40,7 @@ Schema (every key optional; the defaults are the device's values from docs/desig
     clef_timeout = 35.0                  # seconds to wait for Clef's answer (Clef itself gives up at ~30)
 
     [audit]
-    path = "/var/lib/clef-armory/audit.jsonl"
+    path = "/var/lib/clef-armory/agent/audit.jsonl"
     max_bytes = 4194304                  # rotate when the file reaches this size
     keep = 4                             # rotated files kept: audit.jsonl.1 ... .N
 
@@ -98,10 +98,10 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 @dataclass(frozen=True)
 class ClefConfig:
     binary: Path = Path("/usr/local/bin/clef")
-    state_dir: Path = Path("/var/lib/clef-armory")
+    state_dir: Path = Path("/var/lib/clef-armory/agent")
     chain_id: int = 1
     http_port: int = 8551
-    rules: Path = Path("/var/lib/clef-armory/rules.js")
+    rules: Path = Path("/var/lib/clef-armory/agent/rules.js")
     lightkdf: bool = False
     restart_backoff_max: float = 30.0
     startup_timeout: float = 60.0
@@ -152,7 +152,7 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    path: Path = Path("/var/lib/clef-armory/audit.jsonl")
+    path: Path = Path("/var/lib/clef-armory/agent/audit.jsonl")
     max_bytes: int = 4 * 1024 * 1024
     keep: int = 4
 
