@@ -190,6 +190,10 @@ def write_slot(req: contract.WriteSlot, stream: BinaryIO) -> contract.SlotWritte
         if req.slot == running or req.slot not in (1, 2):
             raise SlotError(f"slot {req.slot} is not the inactive system slot (slot {running} is running)")
         device, size = partition_device(disk, req.slot)
+        # The slot about to be overwritten must not be the one that boots (an activation whose reboot
+        # never came): until it is verified, the running system boots.
+        if bootable_partition(read_mbr(f"/dev/{disk}")) != running:
+            set_bootable(f"/dev/{disk}", running)
         end = max((o + n for o, n in req.ranges), default=0)
         if end > size or any(o < 0 or n <= 0 for o, n in req.ranges):
             raise SlotError(f"the new system needs {end} bytes: slot {req.slot} has {size}")

@@ -59,3 +59,51 @@ def test_mk1_u_boot_scans_the_bootable_partition_first(settings: config.Settings
     # Debian's Mk I U-Boot is larger than the room before its environment offset: nothing may saveenv,
     # so the slot choice lives in the MBR, not in U-Boot's environment.
     assert 1024 + path.stat().st_size > 0x60000
+
+
+# -- the device side's pieces, on plain files ------------------------------------------------------------
+
+
+def test_bootable_flag_flips_in_one_sector(tmp_path: Path) -> None:
+    import subprocess
+
+    from armory_agent import slots
+    from image import disk
+
+    img = tmp_path / "disk.img"
+    with img.open("wb") as f:
+        f.truncate(40 << 20)
+    layout = disk.Layout(40 << 20, 8 << 20)
+    subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(img)], check=True, text=True,
+                   input=layout.sfdisk_script(0x1234ABCD))
+    before = img.read_bytes()
+    mbr = slots.read_mbr(str(img))
+    assert (slots.bootable_partition(mbr), slots.disk_id(mbr)) == (1, "1234abcd")
+    assert slots.set_bootable(str(img), 2) == 1
+    after = img.read_bytes()
+    assert [e[3] for e in disk.read_table(img)] == [False, True, False, False]
+    assert before[512:] == after[512:]
+    changed = [i for i in range(512) if before[i] != after[i]]
+    assert changed == [446, 462], changed  # p1's and p2's status bytes, nothing else
+
+
+def test_a_cut_stream_is_refused(tmp_path: Path) -> None:
+    import hashlib
+    import io
+    import os
+    import zlib
+
+    from armory_agent import slots
+
+    target = tmp_path / "slot"
+    target.write_bytes(b"\xa5" * (1 << 20))
+    data = os.urandom(300_000)
+    ranges = [[4096, 100_000], [200_704, 200_000]]
+    packed = zlib.compress(data)
+    assert slots._receive(str(target), ranges, io.BytesIO(packed)) == hashlib.sha256(data).hexdigest()
+    written = target.read_bytes()
+    assert written[4096:104_096] == data[:100_000] and written[200_704:400_704] == data[100_000:]
+    assert written[:4096] == b"\xa5" * 4096  # outside the ranges: untouched
+    assert slots._read_back(str(target), ranges) == hashlib.sha256(data).hexdigest()
+    with pytest.raises(slots.SlotError, match="the stream ended early"):
+        slots._receive(str(target), ranges, io.BytesIO(packed[: len(packed) // 2]))
