@@ -154,6 +154,13 @@ def _locked() -> Iterator[None]:
 # -- the calls --------------------------------------------------------------------------------------
 
 
+def running_release() -> dict[str, Any]:
+    """The running system's release.json, with the agent's version and contract."""
+    from armory_agent import __version__
+
+    return {**(_release() or {}), "agent": __version__, "contract": contract.VERSION}
+
+
 def hello() -> contract.Hello:
     from armory_agent import __version__
 
@@ -171,7 +178,7 @@ def slots() -> contract.Slots:
         device, size = partition_device(disk, number)
         known = record.get(str(number), {})
         complete = number == running or bool(known.get("complete"))
-        release = _release() if number == running else known.get("release")
+        release = running_release() if number == running else known.get("release")
         entries.append(contract.Slot(number, device, size, complete, release).to_json())
     try:
         debian = Path("/etc/debian_version").read_text().strip()
@@ -198,6 +205,9 @@ def write_slot(req: contract.WriteSlot, stream: BinaryIO) -> contract.SlotWritte
         if end > size or any(o < 0 or n <= 0 for o, n in req.ranges):
             raise SlotError(f"the new system needs {end} bytes: slot {req.slot} has {size}")
         record = load_record()
+        # The running system is the one to go back to (--rollback) once the other slot boots.
+        record[str(running)] = {**record.get(str(running), {}), "complete": True,
+                                "release": running_release()}
         record[str(req.slot)] = {"complete": False}
         save_record(record)
         written = _receive(device, req.ranges, stream)
