@@ -411,6 +411,55 @@ def _publish(stage: Path, out_root: Path, board: Board) -> Path:
     return final
 
 
+def _system_tree(settings: Settings, board: Board, inputs: _Inputs, fs: rootfs.Rootfs,
+                 clef: clef_mod.ClefBinary, disk_id: int, work: Path, steps: Steps, usb_function: str,
+                 host_keys_from: Path | None, overlay_dir: Path,
+                 log: Log) -> tuple[overlay.DeviceConfig, dict[str, str], dict[str, Any] | None]:
+    """The system in <work>/tree and the data partition's contents in <work>/data; returns the device
+    config, the public host keys and the device tree record."""
+    tree, data = work / "tree", work / "data"
+    with steps.step("unpacking the rootfs"):
+        _unpack(fs.tarball, tree)
+    root = f"PARTUUID={disk.partuuid(disk_id)}" if board.root_device == "partuuid" else board.root_device
+    device_tree = board.device_tree.for_soc(settings.soc) if board.device_tree else None
+    cfg = overlay.DeviceConfig(
+        board=board, suite=settings.suite, kernel_version=fs.kernel_version, root=root,
+        authorized_key=inputs.authorized_key, chain_id=settings.chain_id, clef_version=clef.version,
+        network=overlay.Network(usb_function=usb_function),
+        dtb_path=f"/boot/dtbs/{device_tree.dtb_name}" if device_tree else None,
+    )
+    dtb_info: dict[str, Any] | None = None
+    if device_tree is not None:
+        with steps.step(f"device tree {device_tree.dtb_name}"):
+            dest = tree / "boot" / "dtbs" / device_tree.dtb_name
+            dtb_info = devicetree.install(device_tree, tree, dest, settings, log=log)
+    with steps.step("overlay: users, host keys, rendered files, agent, Clef, services"):
+        public = _populate(tree, cfg, clef.path, fs.source_date_epoch, host_keys_from, overlay_dir, log)
+        _split_data(tree, data, fs.source_date_epoch)
+    return cfg, public, dtb_info
+
+
+def _outputs(settings: Settings, board: Board, inputs: _Inputs, fs: rootfs.Rootfs, clef: clef_mod.ClefBinary,
+             made: _Disk, image: Path, steps: Steps) -> dict[str, Any]:
+    """Next to the image in its stage: firmware, bmap, .zst, known_hosts, manifest, SHA256SUMS."""
+    stage, name = image.parent, image.name.removesuffix(".img")
+    firmware = _firmware_output(board, inputs.firmware, stage)
+    with steps.step("block map (bmap)"):
+        block_map = bmap_mod.create(image, stage / f"{name}.img.bmap")
+    compressed = stage / f"{name}.img.zst"
+    with steps.step("compressing (zstd)"):
+        _compress(image, compressed)
+    with steps.step("manifest, known_hosts, SHA256SUMS"):
+        (stage / "known_hosts").write_text(manifest.known_hosts(made.cfg.network.device_address,
+                                                                made.public_keys))
+        record = _manifest(settings, board, name, fs, clef, made, image, block_map, firmware, compressed)
+        manifest.write_json(stage / "manifest.json", record)
+        manifest.write_sums(stage, [image.name, f"{name}.img.bmap", compressed.name, "manifest.json",
+                                    "known_hosts", *([firmware["file"]] if firmware else [])],
+                            known={image.name: record["image_sha256"]})
+    return record
+
+
 def contract_version() -> int:
     """The device-admin contract the agent in this checkout speaks (armory_agent/contract.py)."""
     from armory_agent import contract
@@ -466,28 +515,9 @@ def build_image(
     work = Path(tempfile.mkdtemp(prefix="tree-", dir=cache))
     tree, data = work / "tree", work / "data"
     try:
-        with steps.step("unpacking the rootfs"):
-            _unpack(fs.tarball, tree)
-
         disk_id, _, _ = disk.disk_identity(seed)
-        root = f"PARTUUID={disk.partuuid(disk_id)}" if board.root_device == "partuuid" else board.root_device
-        device_tree = board.device_tree.for_soc(settings.soc) if board.device_tree else None
-        cfg = overlay.DeviceConfig(
-            board=board, suite=settings.suite, kernel_version=fs.kernel_version, root=root,
-            authorized_key=inputs.authorized_key, chain_id=settings.chain_id, clef_version=clef.version,
-            network=overlay.Network(usb_function=usb_function),
-            dtb_path=f"/boot/dtbs/{device_tree.dtb_name}" if device_tree else None,
-        )
-
-        dtb_info: dict[str, Any] | None = None
-        if device_tree is not None:
-            with steps.step(f"device tree {device_tree.dtb_name}"):
-                dest = tree / "boot" / "dtbs" / device_tree.dtb_name
-                dtb_info = devicetree.install(device_tree, tree, dest, settings, log=log)
-
-        with steps.step("overlay: users, host keys, rendered files, agent, Clef, services"):
-            public = _populate(tree, cfg, clef.path, fs.source_date_epoch, host_keys_from, overlay_dir, log)
-            _split_data(tree, data, fs.source_date_epoch)
+        cfg, public, dtb_info = _system_tree(settings, board, inputs, fs, clef, disk_id, work, steps,
+                                             usb_function, host_keys_from, overlay_dir, log)
 
         image = stage / f"{name}.img"
         layout = disk.Layout(settings.image_size_bytes, boards.SLOT_SIZE)
@@ -501,30 +531,14 @@ def build_image(
                 bootloader_limit=spec_bl.limit if spec_bl else boards.PARTITION_START,
             )
         made = _Disk(disk_id, layout, bootloader_file, bootloader_origin, public, cfg, dtb_info)
-        firmware = _firmware_output(board, inputs.firmware, stage)
-
-        with steps.step("block map (bmap)"):
-            block_map = bmap_mod.create(image, stage / f"{name}.img.bmap")
-
-        compressed = stage / f"{name}.img.zst"
-        with steps.step("compressing (zstd)"):
-            _compress(image, compressed)
-
-        with steps.step("manifest, known_hosts, SHA256SUMS"):
-            (stage / "known_hosts").write_text(manifest.known_hosts(cfg.network.device_address, public))
-            data_record = _manifest(settings, board, name, fs, clef, made, image, block_map, firmware,
-                                    compressed)
-            manifest.write_json(stage / "manifest.json", data_record)
-            manifest.write_sums(stage, [image.name, f"{name}.img.bmap", compressed.name, "manifest.json",
-                                        "known_hosts", *([firmware["file"]] if firmware else [])],
-                                known={image.name: data_record["image_sha256"]})
+        data_record = _outputs(settings, board, inputs, fs, clef, made, image, steps)
         final = _publish(stage, out_root, board)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    compressed_size = (final / compressed.name).stat().st_size
+    compressed_size = (final / data_record["files"]["compressed"]).stat().st_size
     log(f"built {final / image.name} in {steps.total():.0f} s ({compressed_size >> 20} MiB compressed, "
         f"{data_record['disk']['bmap_mapped_blocks']} mapped blocks)")
     return BuildResult(final, final / image.name, data_record, tuple(steps.timings))
