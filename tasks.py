@@ -109,12 +109,14 @@ def build_image(c: Context, board: str | None = None, suite: str | None = None,
         "emmc": "Mk II internal eMMC: guide through USB boot mode and expose it with armory-ums.",
         "ums_image": "armory-ums.imx for --emmc; default: <cache_dir>/armory-ums/armory-ums.imx.",
         "board": "Board whose newest image to use when --image is not given (default: the newest build).",
+        "system_only": "Rewrite only the boot area and system slots; keep the data partition (keys).",
     }
 )
 @user_errors
 def flash(c: Context, device: str = "", image: str = "", bmap: str = "", to_file: str = "",
           yes: bool = False, verify: bool = True, eject: bool = True, force: bool = False,
-          emmc: bool = False, ums_image: str = "", board: str | None = None) -> None:
+          emmc: bool = False, ums_image: str = "", board: str | None = None,
+          system_only: bool = False) -> None:
     """Write the image to a microSD card or the Mk II eMMC: checked, fast, verified."""
     from pathlib import Path
 
@@ -131,7 +133,7 @@ def flash(c: Context, device: str = "", image: str = "", bmap: str = "", to_file
     request = flashing.FlashRequest(
         device=device, image=Path(image) if image else None, bmap=Path(bmap) if bmap else None,
         to_file=Path(to_file) if to_file else None, yes=yes, verify=verify, eject=eject,
-        force=force)
+        force=force, system_only=system_only)
     result = flashing.flash(settings, request)
     checked = f", verified {human_size(result.verify.bytes_read)}" if result.verify else ""
     print(f"wrote {human_size(result.write.bytes_written)} to {result.target} in "
@@ -314,6 +316,33 @@ def check(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: st
     print(report.as_json(results=results) if json else report.checks_table(results))
     if commands.failed(results):
         raise ProvisionError(f"{len(commands.failed(results))} key-handling check(s) failed")
+
+
+@task(auto_shortflags=False,
+      help={**{k: v for k, v in _SSH_HELP.items()
+               if k not in ("password_file", "json", "ssh_via", "agent_via")},
+            "known_hosts": "known_hosts pinning the device's host key: the one of the image you flashed "
+                           "(an update keeps the device's key; default: build/<board>/known_hosts).",
+            "image": "New image (.img or its build directory); default: build/<board>/.",
+            "rollback": "Boot the other slot again (the system before the last update)."})
+@user_errors
+def update(c: Context, host: str = DEVICE_ADDRESS, port: int = SSH_PORT, user: str = "armory",
+           identity: str = "", known_hosts: str = "", image: str = "", rollback: bool = False,
+           board: str | None = None) -> None:
+    """Update the device's system in its inactive slot over SSH; keys and data stay (docs/updating.md)."""
+    from pathlib import Path
+
+    from provision import update as updating
+
+    settings = _settings_for_build(c, board, not known_hosts)
+    session = _session(c, board, host, port, user, identity, known_hosts)
+    new = None
+    if not rollback:
+        new = updating.load_system(Path(image) if image else settings.output_dir / settings.board)
+    report = updating.update(session, new)
+    for line in report.lines():
+        print(line)
+    print("unlock it with ./do unlock, then ./do check")
 
 
 @task(auto_shortflags=False, help={k: v for k, v in _SSH_HELP.items() if k != "password_file"})

@@ -93,10 +93,10 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 @dataclass(frozen=True)
 class ClefConfig:
     binary: Path = Path("/usr/local/bin/clef")
-    state_dir: Path = Path("/var/lib/clef-armory")
+    state_dir: Path = Path("/var/lib/clef-armory/agent")
     chain_id: int = 1
     http_port: int = usblink.CLEF_HTTP_PORT
-    rules: Path = Path("/var/lib/clef-armory/rules.js")
+    rules: Path = Path("/var/lib/clef-armory/agent/rules.js")
     lightkdf: bool = False
     restart_backoff_max: float = 30.0
     startup_timeout: float = 60.0
@@ -147,7 +147,7 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    path: Path = Path("/var/lib/clef-armory/audit.jsonl")
+    path: Path = Path("/var/lib/clef-armory/agent/audit.jsonl")
     max_bytes: int = 4 * 1024 * 1024
     keep: int = 4
 

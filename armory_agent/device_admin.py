@@ -1,9 +1,12 @@
 """Device-side half of provisioning: `sudo python3 -m armory_agent.device_admin SUBCOMMAND`.
 
 The laptop runs this over SSH. The command line holds only the subcommand; the
-device layout, any file contents and every secret arrive as one JSON document on
-stdin, and secrets go on to Clef's stdin. Nothing here writes a secret to disk,
-to the environment, to a log or to a command line. The answer is one JSON object
+device layout, any file contents and every secret arrive as one JSON line on
+stdin (write-slot's data stream follows it), and secrets go on to Clef's stdin.
+Every request names the laptop's contract version (armory_agent/contract.py):
+a laptop on another version may make only the frozen calls ./do update needs.
+Nothing here writes a secret to disk, to the environment, to a log or to a
+command line. The answer is one JSON object
 on stdout; failures are ``{"error": "<one line>"}`` with exit status 2.
 
 Every step is safe to repeat and ignores SIGHUP/SIGPIPE, so a dropped SSH
@@ -34,7 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from armory_agent import CLEF_GOMEMLIMIT, sysinfo
+from armory_agent import CLEF_GOMEMLIMIT, contract, slots, sysinfo
 
 _VAULT_RE = re.compile(r"^[0-9a-f]{20}$")
 _ADDRESS_RE = re.compile(r"^(0x)?[0-9a-fA-F]{40}$")
@@ -695,21 +698,50 @@ COMMANDS = {
 }
 
 
+def _frozen_call(command: str, req: dict[str, Any]) -> dict[str, Any]:
+    """The calls ./do update needs: the same in every contract version (armory_agent/contract.py)."""
+    if command == "hello":
+        return slots.hello().to_json()
+    if command == "slots":
+        return slots.slots().to_json()
+    if command == "write-slot":
+        return slots.write_slot(contract.WriteSlot.from_json(req.get("params")), sys.stdin.buffer).to_json()
+    if command == "activate-slot":
+        return slots.activate(contract.ActivateSlot.from_json(req.get("params"))).to_json()
+    return slots.reboot().to_json()
+
+
+def _check_contract(command: str, req: dict[str, Any]) -> None:
+    """A laptop on another contract may only make the frozen calls (it is told to update first)."""
+    laptop = req.get("contract", contract.NO_HELLO)
+    if command not in contract.FROZEN and laptop != contract.VERSION:
+        raise AdminError(contract.mismatch(contract.VERSION, laptop if isinstance(laptop, int) else 0))
+
+
 def main(argv: list[str]) -> int:
     # A dropped SSH connection must not stop a step half-way.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     os.umask(0o077)
-    if len(argv) != 1 or argv[0] not in COMMANDS:
-        print(json.dumps({"error": f"usage: device_admin {{{','.join(COMMANDS)}}} < request.json"}))
+    known = [*COMMANDS, *contract.FROZEN]
+    if len(argv) != 1 or argv[0] not in known:
+        print(json.dumps({"error": f"usage: device_admin {{{','.join(known)}}} < request.json",
+                          "contract": contract.VERSION}))
         return 2
     try:
-        req = json.loads(sys.stdin.buffer.read() or b"{}")
-        if not isinstance(req, dict) or not isinstance(req.get("layout"), dict):
-            raise AdminError("the request on stdin has no layout")
-        with _admin_lock(req["layout"]):
-            result = COMMANDS[argv[0]](req)
-    except AdminError as e:
+        # One JSON line; write-slot's data stream follows it on stdin.
+        req = json.loads(sys.stdin.buffer.readline() or b"{}")
+        if not isinstance(req, dict):
+            raise AdminError("the request on stdin is not a JSON object")
+        _check_contract(argv[0], req)
+        if argv[0] in contract.FROZEN:
+            result = _frozen_call(argv[0], req)
+        else:
+            if not isinstance(req.get("layout"), dict):
+                raise AdminError("the request on stdin has no layout")
+            with _admin_lock(req["layout"]):
+                result = COMMANDS[argv[0]](req)
+    except (AdminError, slots.SlotError) as e:
         result, status = {"error": str(e)}, 2
     except (OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
         result, status = {"error": f"{type(e).__name__}: {e}"}, 2

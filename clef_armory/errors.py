@@ -42,6 +42,14 @@ class HostKeyError(ProvisionError):
     """The device's SSH host key is unknown or differs from the pinned one."""
 
 
+class ContractError(ProvisionError):
+    """The laptop and the device speak different contract versions (armory_agent/contract.py)."""
+
+
+class UpdateError(ArmoryError):
+    """./do update refused or could not finish (the device still boots its old system)."""
+
+
 class QemuError(ArmoryError):
     """The emulated device (qemu-system-arm) could not be started, reached or stopped."""
 

@@ -266,3 +266,31 @@ def parse(bmap_path: Path) -> Bmap:
         raise bad(f"MappedBlocksCount {mapped_count} does not match its ranges "
                   f"({result.mapped_blocks})")
     return result
+
+
+def ranges_within(bmap: Bmap, start: int, end: int) -> list[tuple[int, int]]:
+    """The mapped bytes of [start, end) of the image as (offset from ``start``, length) pairs: what
+    has to be written to reproduce that part of the image on a device (a system slot, say)."""
+    out: list[tuple[int, int]] = []
+    for first, last in bmap.spans():
+        lo, hi = max(first, start), min(last, end)
+        if lo < hi:
+            out.append((lo - start, hi - lo))
+    return out
+
+
+def ranges_digest(image: Path, base: int, ranges: list[tuple[int, int]]) -> str:
+    """sha256 of the bytes of ``ranges`` (relative to ``base``), in order: the device computes the same
+    over what it wrote, so both ends agree on every mapped byte."""
+    digest = hashlib.sha256()
+    with image.open("rb") as f:
+        for offset, length in ranges:
+            f.seek(base + offset)
+            left = length
+            while left:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    raise FlashError(f"{image} ends before byte {base + offset + length}")
+                digest.update(chunk)
+                left -= len(chunk)
+    return digest.hexdigest()

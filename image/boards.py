@@ -12,8 +12,11 @@ from clef_armory.errors import ConfigError
 from image import uboot
 
 MIB = 1 << 20
-# Vendor layout: MBR, one ext4 partition from 5 MiB to the end of the image.
+# The first partition starts at 5 MiB, as in the vendor's layout (the bootloader lives before it).
 PARTITION_START = 5 * MIB
+# Each system slot (p1, p2; image/disk.py): the root filesystem is about 400 MiB today, so a 1 GiB
+# slot leaves room for a newer Debian, kernel or Clef without re-partitioning a provisioned device.
+SLOT_SIZE = 1024 * MIB
 
 
 @dataclasses.dataclass(frozen=True)

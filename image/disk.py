@@ -1,14 +1,18 @@
 """Assemble the raw disk image without loop devices or mounts.
 
-Layout (the vendor's): MBR, one ext4 partition from 5 MiB to the end, the bootloader at its byte
-offset in the gap before the partition. The partition table is written by sfdisk into a sparse
-regular file, the filesystem by ``mke2fs -d`` straight from the rootfs tree at the partition's
-offset (``-E offset=``), and the bootloader with a plain seek-and-write. Fixed UUIDs, hash seed and
-``E2FSPROGS_FAKE_TIME`` make the filesystem depend only on its inputs.
+Layout (docs/updating.md): MBR with the bootloader at its byte offset in the gap before 5 MiB, then
+p1 system slot A, p2 system slot B (same size, empty until the first update), p3 the data partition
+to the end of the disk (Clef's state, the agent's audit log, the SSH host keys and authorized_keys).
+The partition marked bootable is the slot U-Boot's distro boot scans first; an image starts on A.
+The partition table is written by sfdisk into a sparse regular file, each filesystem by
+``mke2fs -d`` straight from its tree at the partition's offset (``-E offset=``), and the bootloader
+with a plain seek-and-write. Fixed UUIDs, hash seed and ``E2FSPROGS_FAKE_TIME`` make the filesystems
+depend only on their inputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import tempfile
@@ -20,8 +24,64 @@ from image.boards import PARTITION_START
 
 SECTOR = 512
 BLOCK = 4096
+MIB = 1 << 20
 # ext4 metadata (inode tables, journal, reserved blocks) on top of the files themselves.
 FS_OVERHEAD = 1.15
+# The smallest data partition worth having (Clef's vault, the keystore, the audit log's rotations).
+DATA_MIN = 16 * MIB
+# Filesystem labels: fstab mounts the data partition by its label (the same on every device and in
+# every system image, unlike a PARTUUID, which carries the disk id of the image first flashed).
+SYSTEM_LABELS = ("system-a", "system-b")
+DATA_LABEL = "clef-data"
+SLOT_A, SLOT_B, DATA = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """One MBR primary partition (byte offsets)."""
+
+    number: int
+    start: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The three partitions of a disk of ``disk_size`` bytes with system slots of ``slot_size``."""
+
+    disk_size: int
+    slot_size: int
+
+    def __post_init__(self) -> None:
+        if self.disk_size % SECTOR or self.slot_size % MIB:
+            raise BuildError(f"image size {self.disk_size} and slot size {self.slot_size} must be "
+                             "whole sectors and whole MiB")
+        if self.data.size < DATA_MIN:
+            need = -(-(PARTITION_START + 2 * self.slot_size + DATA_MIN) // MIB)
+            raise BuildError(f"image size {self.disk_size >> 20} MiB has no room for two "
+                             f"{self.slot_size >> 20} MiB system slots and the data partition: "
+                             f"use --size {need}M or more")
+
+    @property
+    def slots(self) -> tuple[Partition, Partition]:
+        return (Partition(SLOT_A, PARTITION_START, self.slot_size),
+                Partition(SLOT_B, PARTITION_START + self.slot_size, self.slot_size))
+
+    @property
+    def data(self) -> Partition:
+        start = PARTITION_START + 2 * self.slot_size
+        return Partition(DATA, start, max(self.disk_size - start, 0) // MIB * MIB)
+
+    def sfdisk_script(self, disk_id: int, bootable: int = SLOT_A) -> str:
+        lines = [f"label: dos\nlabel-id: 0x{disk_id:08x}\nunit: sectors\n"]
+        for p in (*self.slots, self.data):
+            flag = ", bootable" if p.number == bootable else ""
+            lines.append(f"start={p.start // SECTOR}, size={p.size // SECTOR}, type=83{flag}")
+        return "\n".join(lines) + "\n"
 
 
 def journal_bytes(fs_bytes: int) -> int:
@@ -52,7 +112,7 @@ def tree_bytes(tree: Path) -> int:
     return total
 
 
-def fix_times(image: Path, tree: Path, epoch: int) -> None:
+def fix_times(image: Path, tree: Path, epoch: int, offset: int = PARTITION_START) -> None:
     """Set every inode's atime and ctime to `epoch` with debugfs (no mount).
 
     mke2fs 1.47.0 copies atime and ctime from the source tree: ctime is always "now" and cannot be
@@ -74,7 +134,7 @@ def fix_times(image: Path, tree: Path, epoch: int) -> None:
         script.flush()
         # The fake time also keeps debugfs from stamping "now" into the superblock's write time.
         env = dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch))
-        result = subprocess.run(["debugfs", "-w", "-f", script.name, f"{image}?offset={PARTITION_START}"],
+        result = subprocess.run(["debugfs", "-w", "-f", script.name, f"{image}?offset={offset}"],
                                 capture_output=True, text=True, env=env, check=False)
     problems = [line for line in result.stderr.splitlines()
                 if line.strip() and not line.startswith("debugfs ")]
@@ -82,16 +142,13 @@ def fix_times(image: Path, tree: Path, epoch: int) -> None:
         raise BuildError(f"setting timestamps with debugfs failed: {(problems or ['?'])[0]}")
 
 
-def check_size(tree: Path, image_size: int) -> None:
-    """Refuse, before writing anything, an image too small for the rootfs."""
-    if image_size % SECTOR:
-        raise BuildError(f"image size {image_size} is not a multiple of {SECTOR} bytes")
-    fs_bytes = max(image_size - PARTITION_START, 0)
-    needed = int(tree_bytes(tree) * FS_OVERHEAD) + journal_bytes(fs_bytes) + PARTITION_START
-    if image_size < needed:
+def check_size(tree: Path, slot_size: int) -> None:
+    """Refuse, before writing anything, a system slot too small for the rootfs."""
+    needed = int(tree_bytes(tree) * FS_OVERHEAD) + journal_bytes(slot_size)
+    if slot_size < needed:
         raise BuildError(
-            f"image size {image_size >> 20} MiB is too small for the root filesystem: "
-            f"it needs at least {-(-needed // (1 << 20))} MiB (--size)"
+            f"a system slot of {slot_size >> 20} MiB is too small for the root filesystem: "
+            f"it needs at least {-(-needed // MIB)} MiB"
         )
 
 
@@ -119,9 +176,9 @@ def disk_identity(seed: str) -> tuple[int, uuid.UUID, uuid.UUID]:
     return disk_id, fs_uuid, hash_seed
 
 
-def partuuid(disk_id: int) -> str:
-    """The kernel's PARTUUID of partition 1 on an MBR disk: <disk id>-01."""
-    return f"{disk_id:08x}-01"
+def partuuid(disk_id: int, number: int = SLOT_A) -> str:
+    """The kernel's PARTUUID of a partition on an MBR disk: <disk id>-<number, 2 hex digits>."""
+    return f"{disk_id:08x}-{number:02x}"
 
 
 def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, stdin: str | None = None) -> None:
@@ -135,6 +192,23 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, stdin: st
         raise BuildError(f"{what} failed: {last}")
 
 
+def _mkfs(image: Path, tree: Path, part: Partition, *, label: str, seed: str, epoch: int) -> None:
+    """An ext4 filesystem made from ``tree`` into ``part`` of ``image`` (reproducible, no mount)."""
+    _, fs_uuid, hash_seed = disk_identity(f"{seed}:{label}")
+    env = dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch), SOURCE_DATE_EPOCH=str(epoch), LC_ALL="C")
+    _run(
+        [
+            "mke2fs", "-q", "-F", "-t", "ext4", "-L", label, "-U", str(fs_uuid),
+            "-b", str(BLOCK), "-m", "1",
+            "-E", f"offset={part.start},hash_seed={hash_seed},root_owner=0:0",
+            "-d", str(tree), str(image), f"{part.size // 1024}k",
+        ],
+        f"making the ext4 filesystem {label} (mke2fs -d)",
+        env=env,
+    )
+    fix_times(image, tree, epoch, part.start)
+
+
 def assemble(
     image: Path,
     tree: Path,
@@ -142,41 +216,27 @@ def assemble(
     *,
     seed: str,
     epoch: int,
+    slot_size: int,
+    data_tree: Path,
     bootloader: Path | None = None,
     bootloader_offset: int = 0,
     bootloader_limit: int = PARTITION_START,
-    label: str = "root",
 ) -> int:
-    """Write the whole disk into `image` (created or truncated); returns the MBR disk id."""
-    check_size(tree, size)
+    """Write the whole disk into `image` (created or truncated): the system from ``tree`` in slot A
+    (bootable), slot B empty, the data partition from ``data_tree``; returns the MBR disk id."""
+    layout = Layout(size, slot_size)
+    check_size(tree, slot_size)
     if bootloader is not None:
         check_bootloader(bootloader, bootloader_offset, bootloader_limit)
-    disk_id, fs_uuid, hash_seed = disk_identity(seed)
+    disk_id, _, _ = disk_identity(seed)
     with image.open("wb") as f:
         f.truncate(size)
-    table = (
-        "label: dos\n"
-        f"label-id: 0x{disk_id:08x}\n"
-        "unit: sectors\n\n"
-        f"start={PARTITION_START // SECTOR}, type=83\n"
-    )
     _run(["sfdisk", "--no-reread", "--no-tell-kernel", "--wipe=never", "--quiet", str(image)],
-         "writing the partition table", stdin=table)
-    fs_bytes = size - PARTITION_START
-    env = dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch), SOURCE_DATE_EPOCH=str(epoch), LC_ALL="C")
-    _run(
-        [
-            "mke2fs", "-q", "-F", "-t", "ext4", "-L", label, "-U", str(fs_uuid),
-            "-b", str(BLOCK), "-m", "1",
-            "-E", f"offset={PARTITION_START},hash_seed={hash_seed},root_owner=0:0",
-            "-d", str(tree), str(image), f"{fs_bytes // 1024}k",
-        ],
-        "making the ext4 filesystem (mke2fs -d)",
-        env=env,
-    )
+         "writing the partition table", stdin=layout.sfdisk_script(disk_id))
+    _mkfs(image, tree, layout.slots[0], label=SYSTEM_LABELS[0], seed=seed, epoch=epoch)
+    _mkfs(image, data_tree, layout.data, label=DATA_LABEL, seed=seed, epoch=epoch)
     if image.stat().st_size != size:
         raise BuildError(f"mke2fs changed the image size of {image}")
-    fix_times(image, tree, epoch)
     if bootloader is not None:
         with image.open("r+b") as f:
             f.seek(bootloader_offset)
@@ -184,14 +244,20 @@ def assemble(
     return disk_id
 
 
-def read_partition(image: Path) -> tuple[int, int, int]:
-    """(start byte, size in bytes, type) of the first MBR partition, read with plain Python."""
+def read_partition(image: Path, number: int = SLOT_A) -> tuple[int, int, int]:
+    """(start byte, size in bytes, type) of an MBR primary partition, read with plain Python."""
+    return read_table(image)[number - 1][:3]
+
+
+def read_table(image: Path) -> list[tuple[int, int, int, bool]]:
+    """The four MBR entries: (start byte, size in bytes, type, bootable)."""
     with image.open("rb") as f:
         mbr = f.read(SECTOR)
     if mbr[510:512] != b"\x55\xaa":
         raise BuildError(f"{image} has no MBR signature")
-    entry = mbr[446:462]
-    ptype = entry[4]
-    start = int.from_bytes(entry[8:12], "little") * SECTOR
-    count = int.from_bytes(entry[12:16], "little") * SECTOR
-    return start, count, ptype
+    table = []
+    for i in range(4):
+        entry = mbr[446 + 16 * i: 462 + 16 * i]
+        table.append((int.from_bytes(entry[8:12], "little") * SECTOR,
+                      int.from_bytes(entry[12:16], "little") * SECTOR, entry[4], entry[0] == 0x80))
+    return table

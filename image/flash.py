@@ -81,6 +81,9 @@ class FlashRequest:
     verify: bool = True
     eject: bool = True
     force: bool = False
+    # Rewrite only the boot area and the system slots (p1, p2): the data partition (p3: keys, host
+    # keys, audit log) is left as it is. For recovering a device whose system does not boot.
+    system_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,8 +409,12 @@ def _device_size(fd: int) -> int:
 
 
 def write_image(image: Path, bmap: Bmap, target: Path, *, is_device: bool = True,
-                progress: Progress | None = None) -> WriteStats:
+                progress: Progress | None = None, keep_from: int | None = None,
+                blank: tuple[tuple[int, int], ...] = ()) -> WriteStats:
     """Write the bmap's ranges of ``image`` to ``target``; the first MiB goes last.
+
+    ``keep_from``: nothing from this byte on is touched (--system-only: the data partition);
+    ``blank``: (start, end) spans zeroed before the first MiB goes in.
 
     The image's data is checked against the bmap's checksums on the way through, so a
     corrupt download stops the write before the (still blank) first MiB is written.
@@ -428,11 +435,12 @@ def write_image(image: Path, bmap: Bmap, target: Path, *, is_device: bool = True
                     out.write(pos, bytes(min(CHUNK_BYTES, boot_end - pos)))
                 dev_size = _device_size(out.fd)
                 tail = max(dev_size - HEAD_BYTES, _round_up(bmap.image_size, HEAD_BYTES))
-                if tail < dev_size:  # a stale backup GPT at the disk's end could still "boot"
+                if tail < dev_size and keep_from is None:  # a stale backup GPT could still "boot"
                     out.write(tail, bytes(dev_size - tail))
             else:
-                os.ftruncate(out.fd, 0)
-                os.ftruncate(out.fd, bmap.image_size)
+                if keep_from is None:
+                    os.ftruncate(out.fd, 0)
+                os.ftruncate(out.fd, max(bmap.image_size, os.fstat(out.fd).st_size))
             out.sync()
             done = 0
             for r in bmap.ranges:
@@ -452,6 +460,9 @@ def write_image(image: Path, bmap: Bmap, target: Path, *, is_device: bool = True
                 if r.checksum and digest.hexdigest() != r.checksum:
                     raise FlashError(f"the image does not match its bmap at {r.label()} "
                                      f"(corrupt image or wrong bmap); {target} is not bootable")
+            for start, end in blank:
+                for pos in range(start, end, CHUNK_BYTES):
+                    out.write(pos, bytes(min(CHUNK_BYTES, end - pos)))
             out.sync()
             out.write(0, head)
             out.sync()
@@ -517,6 +528,46 @@ def verify_target(target: Path, bmap: Bmap, progress: Progress | None = None) ->
         buf.close()
         os.close(fd)
     return VerifyStats(done, time.monotonic() - started)
+
+
+def _mbr_entries(head: bytes, what: str) -> list[tuple[int, int]]:
+    if len(head) < 512 or head[510:512] != b"\x55\xaa":
+        raise FlashError(f"{what} has no MBR partition table")
+    return [(int.from_bytes(head[454 + 16 * i:458 + 16 * i], "little") * 512,
+             int.from_bytes(head[458 + 16 * i:462 + 16 * i], "little") * 512) for i in range(4)]
+
+
+def system_only_plan(image: Path, bmap: Bmap, target: Path) -> tuple[Bmap, int, tuple[tuple[int, int], ...]]:
+    """What --system-only writes: the image's ranges before its data partition (p3), which must be
+    where the target's is; slot B's first MiB is blanked (its system belongs to the old table).
+    Returns (the clipped bmap, the data partition's first byte, the spans to blank)."""
+    with open_image(image) as stream:
+        mine = _mbr_entries(stream.read(512), str(image))
+    try:
+        with target.open("rb") as f:
+            theirs = _mbr_entries(f.read(512), str(target))
+    except FlashError:
+        raise FlashError(f"{target} has no partition table: flash the whole image (without "
+                         "--system-only; that erases the data partition)") from None
+    except OSError as e:
+        raise FlashError(f"cannot read {target}'s partition table: {e.strerror}") from None
+    data_start, data_size = mine[2]
+    if not data_size:
+        raise FlashError(f"{image} has no data partition (p3): it is not an A/B image")
+    if theirs[2] != mine[2]:
+        raise FlashError(f"{target}'s data partition is not where this image has it (p3 at byte "
+                         f"{data_start}, {data_size} bytes): --system-only would lose it; flash the whole "
+                         "image instead, which erases the keys")
+    ranges = []
+    for r in bmap.ranges:
+        start, end = r.byte_span(bmap.block_size, bmap.image_size)
+        if end <= data_start:
+            ranges.append(r)
+        elif start < data_start:  # a range across the boundary: its checksum covers bytes we skip
+            ranges.append(bmaplib.Range(r.first, data_start // bmap.block_size - 1, None))
+    clipped = dataclasses.replace(bmap, ranges=tuple(ranges))
+    slot_b = mine[1][0]
+    return clipped, data_start, ((slot_b, slot_b + HEAD_BYTES),) if mine[1][1] else ()
 
 
 def blank_head(target: Path, is_device: bool = True) -> None:
@@ -731,8 +782,15 @@ def flash(settings: Settings, request: FlashRequest, *,
                                  "swapped?); nothing was written")
             blockdev.check(now, bmap.image_size, force=request.force)
 
+    keep_from: int | None = None
+    blank: tuple[tuple[int, int], ...] = ()
+    if request.system_only:
+        bmap, keep_from, blank = system_only_plan(image, bmap, target)
+        say(f"--system-only: the boot area and system slots only; the data partition from byte "
+            f"{keep_from} on is left as it is")
     bar = ProgressBar("writing", bmap.mapped_bytes, stream)
-    wrote = write_image(image, bmap, target, is_device=dev is not None, progress=bar)
+    wrote = write_image(image, bmap, target, is_device=dev is not None, progress=bar, keep_from=keep_from,
+                        blank=blank)
     bar.finish(bmap.mapped_bytes)
     checked = None
     if request.verify:

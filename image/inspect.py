@@ -27,11 +27,11 @@ class Stat:
 
 
 class Image:
-    """A raw image with an ext4 filesystem in its first MBR partition."""
+    """A raw image with an ext4 filesystem in an MBR partition (the system slot A unless told)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, partition: int = 1) -> None:
         self.path = path
-        start, _, _ = read_partition(path)
+        start, _, _ = read_partition(path, partition)
         self.spec = f"{path}?offset={start}"
 
     def _debugfs(self, request: str) -> bytes:

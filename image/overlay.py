@@ -31,13 +31,13 @@ MODES: dict[str, tuple[str, str, int]] = {
     "/etc/clef-armory/agent.toml": ("root", "clef", 0o640),
     "/etc/sudoers.d/armory": ("root", "root", 0o440),
     "/usr/local/lib/clef-armory/usb-gadget": ("root", "root", 0o755),
-    "/etc/ssh/authorized_keys/armory": ("root", "root", 0o644),
+    "/var/lib/clef-armory/ssh/authorized_keys/armory": ("root", "root", 0o644),
 }
 
 USB_FUNCTIONS = ("ecm", "rndis", "ncm")
 
-# Templates provisioning renders on the device later (the state directory starts empty in the image).
-PROVISIONED_LATER = ("var/lib/clef-armory/",)
+# Templates provisioning renders on the device later (the agent's state starts empty in the image).
+PROVISIONED_LATER = ("var/lib/clef-armory/agent/",)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -547,3 +547,18 @@ def bootloader(
     """The Mk II U-Boot for ``variant``: cached, or checked and built now."""
     return build(prepare(sources, variant, cache_dir=cache_dir, mirror=mirror, offset=offset, limit=limit,
                          patch_file=patch_file, log=log), log)
+
+
+def default_environment(binary: bytes) -> dict[str, str]:
+    """The ``name=value`` entries of a U-Boot binary's built-in default environment (NUL-separated
+    strings; the first definition of a name wins). For checking what a board's U-Boot does at boot
+    (e.g. that distro boot scans the bootable partition first) without running it."""
+    env: dict[str, str] = {}
+    for chunk in binary.split(b"\0"):
+        m = _ENV_ENTRY.search(chunk)
+        if m:
+            env.setdefault(m.group(1).decode(), m.group(2).decode())
+    return env
+
+
+_ENV_ENTRY = re.compile(rb"(?:^|[^\x20-\x7e])([a-z][a-z0-9_]*)=([\x20-\x7e]*)$")

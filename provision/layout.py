@@ -27,14 +27,15 @@ class DeviceLayout:
     # Prefix that runs a command as clef_user from root; empty when already that user.
     as_clef_user: tuple[str, ...] = ("runuser", "-u", "clef", "--")
     lightkdf: bool = False  # tests only: cheaper scrypt for new keys; never on a real device
-    state_dir: str = "/var/lib/clef-armory"
-    configdir: str = "/var/lib/clef-armory/clef"
-    keystore: str = "/var/lib/clef-armory/keystore"
-    rules: str = "/var/lib/clef-armory/rules.js"
+    # The agent's subtree of the data partition (mounted at /var/lib/clef-armory).
+    state_dir: str = "/var/lib/clef-armory/agent"
+    configdir: str = "/var/lib/clef-armory/agent/clef"
+    keystore: str = "/var/lib/clef-armory/agent/keystore"
+    rules: str = "/var/lib/clef-armory/agent/rules.js"
     # Public record of the attested rules hash, written only after a successful attest.
-    rules_record: str = "/var/lib/clef-armory/rules.js.sha256"
+    rules_record: str = "/var/lib/clef-armory/agent/rules.js.sha256"
     # Where new keys are made before they join the keystore (same filesystem: rename is atomic).
-    staging_dir: str = "/var/lib/clef-armory/staging"
+    staging_dir: str = "/var/lib/clef-armory/agent/staging"
     # The agent.
     agent_config: str = "/etc/clef-armory/agent.toml"
     agent_config_mode: int = 0o640

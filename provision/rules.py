@@ -13,7 +13,7 @@ from clef_armory.config import REPO_ROOT
 from clef_armory.errors import ConfigError
 from provision.policy import Policy, describe, rules_data
 
-TEMPLATE = REPO_ROOT / "overlay" / "var" / "lib" / "clef-armory" / "rules.js.j2"
+TEMPLATE = REPO_ROOT / "overlay" / "var" / "lib" / "clef-armory" / "agent" / "rules.js.j2"
 
 
 def render(policy: Policy, policy_name: str = "policy.yaml") -> str:

@@ -16,7 +16,7 @@ import hashlib
 import shlex
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import paramiko
@@ -97,13 +97,22 @@ class Connection:
         fixed words. The command line is quoted so no shell on the device
         interprets anything we send.
         """
+        return self.run_stream(argv, stdin, (), timeout)
+
+    def run_stream(
+        self, argv: Sequence[str], head: bytes, chunks: Iterable[bytes], timeout: float | None = 600.0
+    ) -> Result:
+        """Like run, with ``head`` and then every chunk of ``chunks`` on stdin (a data stream the
+        device reads as it arrives; ``timeout`` counts from when the stream has been sent)."""
         command = " ".join(shlex.quote(a) for a in argv)
         try:
             chan = self.transport.open_session(timeout=self.target.timeout)
             chan.settimeout(timeout)
             chan.exec_command(command)
-            if stdin:
-                chan.sendall(stdin)
+            if head:
+                chan.sendall(head)
+            for chunk in chunks:
+                chan.sendall(chunk)
             chan.shutdown_write()
             out, err = bytearray(), bytearray()
             deadline = None if timeout is None else time.monotonic() + timeout

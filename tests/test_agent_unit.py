@@ -32,7 +32,7 @@ def test_defaults_match_the_device_layout() -> None:
     assert "account_new" not in cfg.policy.methods
     assert cfg.policy.max_body == 256 * 1024
     assert cfg.control.socket == Path("/run/clef-armory/control.sock")
-    assert cfg.audit.path == Path("/var/lib/clef-armory/audit.jsonl")
+    assert cfg.audit.path == Path("/var/lib/clef-armory/agent/audit.jsonl")
 
 
 @pytest.mark.parametrize(

@@ -52,8 +52,20 @@ def qemu_image(qemu_build: BuildResult) -> Image:
     return Image(qemu_build.image)
 
 
+@pytest.fixture(scope="module")
+def qemu_data(qemu_build: BuildResult) -> Image:
+    """The data partition (p3), mounted at /var/lib/clef-armory on the device."""
+    return Image(qemu_build.image, partition=3)
+
+
+def _on(system: Image, data: Image, path: str) -> tuple[Image, str]:
+    """Which partition holds a device path, and its path there."""
+    prefix = "/var/lib/clef-armory"
+    return (data, path.removeprefix(prefix) or "/") if path.startswith(prefix) else (system, path)
+
+
 @pytest.fixture()
-def tree_with(qemu_build: BuildResult, qemu_image: Image, tmp_path: Path) -> Iterator[Path]:
+def tree_with(qemu_build: BuildResult, qemu_image: Image, qemu_data: Image, tmp_path: Path) -> Iterator[Path]:
     """The cached rootfs unpacked, with the image's own config files copied in (for checks that run
     the device's binaries under qemu-user)."""
     cache = config.load().cache_path
@@ -62,14 +74,15 @@ def tree_with(qemu_build: BuildResult, qemu_image: Image, tmp_path: Path) -> Ite
     tree.mkdir()
     subprocess.run(["tar", "-x", "-p", "--numeric-owner", "-f", str(tarball), "-C", str(tree)],
                    check=True)
-    for path in ("/etc/ssh/sshd_config.d/armory.conf", "/etc/ssh/ssh_host_ed25519_key",
-                 "/etc/ssh/ssh_host_ed25519_key.pub", "/etc/passwd", "/etc/group", "/etc/shadow",
-                 "/etc/systemd/system/clef-armory-agent.service",
-                 "/etc/ssh/authorized_keys/armory"):
+    for path in ("/etc/ssh/sshd_config.d/armory.conf", "/var/lib/clef-armory/ssh/ssh_host_ed25519_key",
+                 "/var/lib/clef-armory/ssh/ssh_host_ed25519_key.pub", "/etc/passwd", "/etc/group",
+                 "/etc/shadow", "/etc/systemd/system/clef-armory-agent.service",
+                 "/var/lib/clef-armory/ssh/authorized_keys/armory"):
         dest = tree / path.lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(qemu_image.read(path))
-        os.chmod(dest, qemu_image.stat(path).mode)  # type: ignore[union-attr]
+        part, inner = _on(qemu_image, qemu_data, path)
+        dest.write_bytes(part.read(inner))
+        os.chmod(dest, part.stat(inner).mode)  # type: ignore[union-attr]
     (tree / "run" / "sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation dir
     yield tree
     shutil.rmtree(tree, ignore_errors=True)
@@ -127,27 +140,34 @@ def test_manifest_and_device_say_whether_security_updates_are_in(qemu_image: Ima
 
 
 @pytest.mark.slow
-def test_partition_table_starts_at_5_mib(qemu_build: BuildResult) -> None:
+def test_partition_table_two_slots_and_data(qemu_build: BuildResult) -> None:
     dump = subprocess.run(["sfdisk", "--json", str(qemu_build.image)], capture_output=True,
                           text=True, check=True)
     table = json.loads(dump.stdout)["partitiontable"]
     assert table["label"] == "dos"
-    (part,) = table["partitions"]
-    assert part["start"] * 512 == 5 * 1024 * 1024
-    assert (part["start"] + part["size"]) * 512 == qemu_build.image.stat().st_size
-    assert part["type"] == "83"
+    a, b, data = table["partitions"]
+    slot = 1024 * 1024 * 1024
+    assert a["start"] * 512 == 5 * 1024 * 1024 and a["size"] * 512 == slot and a.get("bootable")
+    assert b["start"] == a["start"] + a["size"] and b["size"] == a["size"] and not b.get("bootable")
+    assert data["start"] == b["start"] + b["size"] and not data.get("bootable")
+    assert (data["start"] + data["size"]) * 512 == qemu_build.image.stat().st_size
+    assert {p["type"] for p in (a, b, data)} == {"83"}
+    m = qemu_build.manifest
+    assert m["disk"]["slot_size"] == slot and m["disk"]["data"]["offset"] == data["start"] * 512
+    # What ./do update streams: slot A's mapped blocks, far fewer than the slot.
+    assert m["system"]["offset"] == a["start"] * 512 and m["system"]["size"] == slot
+    assert 100 << 20 < m["system"]["mapped_bytes"] < slot // 2
+    assert len(m["system"]["sha256"]) == 64 and m["agent"]["contract"] >= 1
 
 
 @pytest.mark.slow
-def test_key_files_owners_and_modes(qemu_image: Image) -> None:
+def test_key_files_owners_and_modes(qemu_image: Image, qemu_data: Image) -> None:
     expect = {
         "/etc/ssh/sshd_config.d/armory.conf": (0, 0, 0o644),
         "/etc/nftables.conf": (0, 0, 0o644),
         "/etc/systemd/system/clef-armory-agent.service": (0, 0, 0o644),
         "/usr/local/bin/clef": (0, 0, 0o755),
-        "/etc/ssh/ssh_host_ed25519_key": (0, 0, 0o600),
         "/etc/sudoers.d/armory": (0, 0, 0o440),
-        "/etc/ssh/authorized_keys/armory": (0, 0, 0o644),
         "/usr/lib/python3/dist-packages/armory_agent/__init__.py": (0, 0, 0o644),
     }
     for path, (uid, gid, mode) in expect.items():
@@ -161,9 +181,19 @@ def test_key_files_owners_and_modes(qemu_image: Image) -> None:
     assert clef_uid < 1000
     toml = qemu_image.stat("/etc/clef-armory/agent.toml")
     assert toml and (toml.uid, toml.gid, toml.mode) == (0, clef_gid, 0o640)
-    state = qemu_image.stat("/var/lib/clef-armory")
-    assert state and state.kind == "directory"
-    assert (state.uid, state.gid, state.mode) == (clef_uid, clef_gid, 0o700)
+    # The system has only the (empty, root's) mount point; the data partition has a root-owned top
+    # and ssh/ subtree, and the agent's subtree owned by clef.
+    mount = qemu_image.stat("/var/lib/clef-armory")
+    assert mount and mount.kind == "directory" and (mount.uid, mount.mode) == (0, 0o755)
+    assert qemu_image.listdir("/var/lib/clef-armory") == []
+    assert sorted(qemu_data.listdir("/")) == ["agent", "lost+found", "ssh"]
+    for path, owner in (("/", (0, 0, 0o755)), ("/ssh", (0, 0, 0o755)),
+                        ("/ssh/ssh_host_ed25519_key", (0, 0, 0o600)),
+                        ("/ssh/authorized_keys/armory", (0, 0, 0o644)),
+                        ("/agent", (clef_uid, clef_gid, 0o700))):
+        st = qemu_data.stat(path)
+        assert st is not None and (st.uid, st.gid, st.mode) == owner, path
+    assert qemu_data.listdir("/agent") == []
     assert "/usr/sbin/nologin" in next(x for x in passwd.splitlines() if x.startswith("clef:"))
     assert (REPO / "armory_agent" / "__init__.py").read_bytes() == qemu_image.read(
         "/usr/lib/python3/dist-packages/armory_agent/__init__.py")
@@ -199,8 +229,9 @@ def test_no_user_has_a_password(qemu_image: Image) -> None:
 
 
 @pytest.mark.slow
-def test_host_keys_match_manifest_and_known_hosts(qemu_image: Image, qemu_build: BuildResult) -> None:
-    pub = qemu_image.read("/etc/ssh/ssh_host_ed25519_key.pub").decode().strip()
+def test_host_keys_match_manifest_and_known_hosts(qemu_image: Image, qemu_data: Image,
+                                                  qemu_build: BuildResult) -> None:
+    pub = qemu_data.read("/ssh/ssh_host_ed25519_key.pub").decode().strip()
     entry = qemu_build.manifest["host_keys"]["ed25519"]
     assert entry["public"] == pub
     blob = base64.b64decode(pub.split()[1])
@@ -208,14 +239,15 @@ def test_host_keys_match_manifest_and_known_hosts(qemu_image: Image, qemu_build:
     assert entry["fingerprint"] == "SHA256:" + digest
     known = (qemu_build.out_dir / "known_hosts").read_text().split()
     assert known[:3] == ["10.0.0.1", *pub.split()[:2]]
-    # Only this image's keys: nothing inherited from the cached rootfs.
-    names = [n for n in qemu_image.listdir("/etc/ssh") if n.startswith("ssh_host_")]
+    # Only this image's keys, on the data partition: none in the system (nor from the cached rootfs).
+    assert not [n for n in qemu_image.listdir("/etc/ssh") if n.startswith("ssh_host_")]
+    names = [n for n in qemu_data.listdir("/ssh") if n.startswith("ssh_host_")]
     assert sorted(names) == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
 
 
 @pytest.mark.slow
-def test_authorized_key_is_the_given_one(qemu_image: Image, ssh_key: Path) -> None:
-    assert qemu_image.read("/etc/ssh/authorized_keys/armory").decode().strip() == ssh_key.read_text().strip()
+def test_authorized_key_is_the_given_one(qemu_data: Image, ssh_key: Path) -> None:
+    assert qemu_data.read("/ssh/authorized_keys/armory").decode().strip() == ssh_key.read_text().strip()
 
 
 @pytest.mark.slow
@@ -235,7 +267,10 @@ def test_sshd_config_is_valid_under_qemu_user(tree_with: Path) -> None:
                                 "-C", "user=armory,host=laptop,addr=10.0.0.2"],
                                capture_output=True, text=True, check=True).stdout.splitlines()
     for line in ("passwordauthentication no", "kbdinteractiveauthentication no", "permitrootlogin no",
-                 "listenaddress 10.0.0.1:22", "pubkeyauthentication yes"):
+                 "listenaddress 10.0.0.1:22", "pubkeyauthentication yes",
+                 # Identity and the admin's key: on the data partition, kept across system updates.
+                 "hostkey /var/lib/clef-armory/ssh/ssh_host_ed25519_key",
+                 "authorizedkeysfile /var/lib/clef-armory/ssh/authorized_keys/%u"):
         assert line in effective, line
 
 
@@ -412,7 +447,7 @@ def test_unwritable_output_dir(tmp_path: Path, ssh_key: Path) -> None:
 def test_image_too_small_for_rootfs(tmp_path: Path, ssh_key: Path, qemu_build: BuildResult) -> None:
     out = tmp_path / "out"
     _one_line_error(_invoke("--board", "qemu", "--output", str(out), "--ssh-key", str(ssh_key),
-                            "--size", "64M"), "too small", "--size")
+                            "--size", "64M"), "no room for two 1024 MiB system slots", "--size 2069M")
     _nothing_in(out)
 
 

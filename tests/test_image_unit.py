@@ -34,8 +34,13 @@ def test_every_template_renders_for_every_board(name: str) -> None:
                  "/etc/systemd/system/clef-armory-agent.service", "/etc/clef-armory/agent.toml",
                  "/etc/systemd/network/10-usb0.network", "/etc/sudoers.d/armory"):
         assert path in rendered, path
-    # Provisioning renders the rules on the device later; the image's state directory is empty.
-    assert not any(p.startswith("/var/lib/clef-armory/") for p in rendered)
+    # Provisioning renders the rules on the device later; the agent's state directory is empty. The
+    # data partition's root-owned ssh/ subtree carries the admin's key.
+    assert [p for p in rendered if p.startswith("/var/lib/clef-armory/")] == [
+        "/var/lib/clef-armory/ssh/authorized_keys/armory"]
+    fstab = _text(rendered, "/etc/fstab").splitlines()
+    assert ("LABEL=clef-data\t/var/lib/clef-armory\text4\t"
+            "nodev,nosuid,noexec,noatime,x-systemd.device-timeout=600\t0\t2") in fstab
 
 
 def test_board_specific_files_only_where_they_belong() -> None:
@@ -89,10 +94,13 @@ def test_firewall_and_sshd_policy() -> None:
                  "KbdInteractiveAuthentication no", "PermitRootLogin no", "AllowUsers armory",
                  "AuthenticationMethods publickey"):
         assert line in sshd.splitlines()
-    assert _text(r, "/etc/ssh/authorized_keys/armory").strip() == KEY
+    assert "HostKey /var/lib/clef-armory/ssh/ssh_host_ed25519_key" in sshd.splitlines()
+    assert "AuthorizedKeysFile /var/lib/clef-armory/ssh/authorized_keys/%u" in sshd.splitlines()
+    assert _text(r, "/var/lib/clef-armory/ssh/authorized_keys/armory").strip() == KEY
     unit = _text(r, "/etc/systemd/system/clef-armory-agent.service")
     for line in ("User=clef", "ProtectSystem=strict", "PrivateTmp=yes", "NoNewPrivileges=yes",
-                 "CapabilityBoundingSet=", "StateDirectory=clef-armory",
+                 "CapabilityBoundingSet=", "StateDirectory=clef-armory/agent",
+                 "RequiresMountsFor=/var/lib/clef-armory",
                  "ExecStart=/usr/bin/python3 -m armory_agent serve --config /etc/clef-armory/agent.toml"):
         assert line in unit.splitlines()
     assert any(line.startswith("RestrictAddressFamilies=") for line in unit.splitlines())

@@ -129,7 +129,7 @@ def test_no_key_makes_a_dedicated_key_pair(tmp_path: Path, monkeypatch: pytest.M
     b = boards.BOARDS["qemu"]
     cfg = overlay.DeviceConfig(board=b, suite="trixie", kernel_version="6.12", root=b.root_device,
                                authorized_key=line, network=overlay.Network())
-    assert overlay.render_all(cfg)["/etc/ssh/authorized_keys/armory"].decode().strip() == line
+    assert overlay.render_all(cfg)["/var/lib/clef-armory/ssh/authorized_keys/armory"].decode().strip() == line
     # provisioning tries it by default (after ssh-agent's keys)
     assert ssh.default_identities()[0] == key
     # a second build reuses it
