@@ -417,6 +417,33 @@ def test_list_and_sign_through_the_link(provisioned: Device, timings: Timings) -
     assert "request denied" in str((body or {}).get("error")), body
 
 
+ERC20_TOKEN = "0xA0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"  # docs/examples/policy.yaml's token rule
+
+
+def _erc20_transfer(address: str, to: str, amount: int) -> dict[str, str]:
+    data = "0xa9059cbb" + to.lower().removeprefix("0x").rjust(64, "0") + format(amount, "064x")
+    return {**_tx(address), "to": ERC20_TOKEN, "value": "0x0", "gas": hex(60000), "data": data}
+
+
+def test_policy_bounds_fees_and_calls_through_the_link(provisioned: Device) -> None:
+    """The example policy's fee caps and ERC-20 rule, decided by the device's rules (issue 14)."""
+    from eth_account import Account
+
+    link = provisioned.link()
+    # The fee bomb: 1 wei to the allowed recipient, but 30M gas at 655,360 gwei (a 19,660 ETH fee).
+    bomb = {**_tx(provisioned.address), "value": "0x1", "gas": hex(30_000_000),
+            "maxFeePerGas": hex(655_360 * 10**9)}
+    status, body = link.rpc("account_signTransaction", [bomb])
+    assert "request denied" in str((body or {}).get("error")), body
+    # A token transfer to a stranger is refused; the same transfer to the listed recipient is signed.
+    stranger = "0x1111111111111111111111111111111111111111"
+    status, body = link.rpc("account_signTransaction", [_erc20_transfer(provisioned.address, stranger, 1)])
+    assert "request denied" in str((body or {}).get("error")), body
+    status, body = link.rpc("account_signTransaction", [_erc20_transfer(provisioned.address, RECIPIENT, 1)])
+    assert status == 200 and "result" in body, body
+    assert str(Account.recover_transaction(body["result"]["raw"])).lower() == provisioned.address
+
+
 def test_locked_after_reboot_until_unlocked(provisioned: Device, timings: Timings) -> None:
     dev = provisioned
     t0 = time.monotonic()
