@@ -121,14 +121,19 @@ def from_mapping(values: Mapping[str, Any]) -> Settings:
     return Settings(**converted)
 
 
-def load(path: Path = DEFAULTS_FILE, overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Read the ``armory:`` section of ``path`` and apply ``overrides``."""
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in ``path`` ({} when empty); unreadable or invalid files are a ConfigError."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+
+
+def load(path: Path = DEFAULTS_FILE, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read the ``armory:`` section of ``path`` and apply ``overrides``."""
+    data = _read_yaml(path)
     section = data.get("armory", {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: 'armory' must be a mapping")
@@ -237,12 +242,7 @@ def wallet_from_mapping(values: Mapping[str, Any]) -> WalletSettings:
 
 def load_wallet(path: Path = DEFAULTS_FILE, overrides: Mapping[str, Any] | None = None) -> WalletSettings:
     """Read the ``wallet:`` section of ``path`` and apply ``overrides``."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    data = _read_yaml(path)
     section = data.get("wallet") or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: 'wallet' must be a mapping")
