@@ -147,6 +147,32 @@ def test_complete_refuses_another_chain_and_passes_estimate_errors() -> None:
     assert e.value.code == -32021 and "nothing was signed" in e.value.message
 
 
+class _ScriptedNode:
+    """Pure stand-in for gather's one batch: answers each call from a table (no network)."""
+
+    def __init__(self, answers: dict[tuple[str, str], Any]) -> None:
+        self.answers = answers
+
+    async def batch(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
+        return [self.answers[(m, str(p[-1]) if p else "")] for m, p in calls]
+
+    def unavailable(self, why: str) -> RpcFailure:
+        return RpcFailure(-32099, f"node {why}")
+
+
+@pytest.mark.parametrize(("pending", "mined", "expected"), [("0x0", "0x1", 1), ("0x3", "0x1", 3)])
+def test_gather_never_goes_below_the_mined_count(pending: str, mined: str, expected: int) -> None:
+    """geth --dev answered "pending" 0 just after mining nonce 0 (a CI failure): the mined count wins."""
+    node = _ScriptedNode({("eth_chainId", ""): "0x539",
+                          ("eth_getBlockByNumber", "False"): {"baseFeePerGas": "0x7"},
+                          ("eth_maxPriorityFeePerGas", ""): "0x1", ("eth_gasPrice", ""): "0x8",
+                          ("eth_getTransactionCount", "pending"): pending,
+                          ("eth_getTransactionCount", "latest"): mined})
+    req = fill.parse([{"from": ME, "to": TO, "gas": "0x5208"}])
+    facts = asyncio.run(fill.gather(node, req))  # type: ignore[arg-type]
+    assert facts.pending_nonce == expected
+
+
 # --- nonces ---
 
 

@@ -137,22 +137,30 @@ async def gather(node: JsonRpcClient, req: TxRequest) -> NodeFacts:
     ]
     if req.nonce is None:
         calls.append(("eth_getTransactionCount", [req.sender, "pending"]))
+        calls.append(("eth_getTransactionCount", [req.sender, "latest"]))
     if req.gas is None:
         calls.append(("eth_estimateGas", [estimate_call(req)]))
-    answers = dict(zip((m for m, _ in calls), await node.batch(calls), strict=True))
-    for must in ("eth_chainId", "eth_getBlockByNumber", "eth_getTransactionCount"):
+    keys = [m if m != "eth_getTransactionCount" else f"{m}/{p[1]}" for m, p in calls]
+    answers = dict(zip(keys, await node.batch(calls), strict=True))
+    for must in ("eth_chainId", "eth_getBlockByNumber", "eth_getTransactionCount/pending",
+                 "eth_getTransactionCount/latest"):
         if isinstance(answers.get(must), RpcFailure):
             failure = answers[must]
-            raise node.unavailable(f"refused {must}: {failure.message}")
+            raise node.unavailable(f"refused {must.split('/')[0]}: {failure.message}")
     block = answers["eth_getBlockByNumber"]
     if not isinstance(block, dict):
         raise node.unavailable("answered eth_getBlockByNumber with something that is not a block")
     base = block.get("baseFeePerGas")
-    nonce = answers.get("eth_getTransactionCount")
+    pending = answers.get("eth_getTransactionCount/pending")
+    mined = answers.get("eth_getTransactionCount/latest")
     gas = answers.get("eth_estimateGas")
     return NodeFacts(
         chain_id=_as_int(answers["eth_chainId"], "eth_chainId", node),
-        pending_nonce=None if nonce is None else _as_int(nonce, "eth_getTransactionCount", node),
+        # geth's pool answers "pending" from its own state, which trails a block it has just mined by
+        # a moment; the pending count is never lower than the mined one, so take the larger.
+        pending_nonce=None if pending is None or mined is None else max(
+            _as_int(pending, "eth_getTransactionCount", node),
+            _as_int(mined, "eth_getTransactionCount", node)),
         base_fee=None if base is None else _as_int(base, "baseFeePerGas", node),
         priority_fee=_kept(answers["eth_maxPriorityFeePerGas"], "eth_maxPriorityFeePerGas", node),
         gas_price=_kept(answers["eth_gasPrice"], "eth_gasPrice", node),
