@@ -28,7 +28,7 @@ def run(settings: Settings, fast: bool = False, select: str = "", lint: bool = T
     if lint:
         _step("ruff", [py, "-m", "ruff", "check", "."])
         _step("mypy", [py, "-m", "mypy"])
-    argv = [py, "-m", "pytest"]
+    argv = [py, "-m", "pytest", "--durations=15"]  # the slowest steps, for the budget (README)
     if fast:
         argv += ["-m", "not slow"]
     if select:

@@ -151,6 +151,11 @@ class Qmp:
         self.sock.close()
 
 
+# What Linux prints on the console as the last thing before it resets the machine ("reboot: Power down"
+# when it powers off instead); with -no-reboot QEMU then exits with status 0 in both cases.
+REBOOTED = "reboot: Restarting system"
+
+
 class QemuGuest:
     """One emulated device: ``with QemuGuest(image) as guest:`` boots it, waits for sshd, stops it cleanly.
 
@@ -347,6 +352,11 @@ class QemuGuest:
         if self.tap is not None:
             return Link(host=DEVICE_ADDRESS, port=AGENT_PORT, timeout=timeout)
         return Link(host=DEVICE_ADDRESS, port=AGENT_PORT, connect=self.dial_agent, timeout=timeout)
+
+    def rebooted(self) -> bool:
+        """QEMU ended (``-no-reboot``) because the guest's kernel restarted the machine (not a power-off)."""
+        return (self.proc is not None and self.proc.poll() == 0
+                and REBOOTED in self.console_tail(8))
 
     def console_tail(self, lines: int = 20) -> str:
         try:
@@ -606,10 +616,17 @@ def _sshd_banner(host: str, port: int) -> bool:
 
 def hold(guest: QemuGuest, poll: float = 1.0) -> None:
     """Wait while the guest runs; Ctrl-C (or SIGTERM/SIGHUP, see provision.tap) returns so the caller powers
-    it off. QEMU ending by itself (killed, crashed, the guest reset) is an error naming why."""
+    it off. A guest that rebooted itself (``./do update`` does) is started again on the same disk, as the
+    board comes back by itself; QEMU ending otherwise (killed, crashed, powered off) is an error."""
     try:
-        while guest.running:
-            time.sleep(poll)
+        while True:
+            while guest.running:
+                time.sleep(poll)
+            if not guest.rebooted():
+                break
+            guest.proc = None
+            guest.log("the guest rebooted: starting it again on the same disk, as the board would")
+            guest.start()
     except KeyboardInterrupt:
         return
     why = guest._qemu_error()

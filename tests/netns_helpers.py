@@ -14,13 +14,14 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 _CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 def ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -60,10 +61,10 @@ def run_do(ns: str, *args: str, stdin: str | None = None, timeout: float = 900.0
                           timeout=timeout, check=False, pass_fds=pass_fds, start_new_session=True)
 
 
-def connect_in(ns: str, address: tuple[str, int], timeout: float) -> socket.socket:
-    """A TCP socket made inside ``ns`` and connected there (setns in a helper thread; the socket keeps
-    its namespace when the thread ends). Raises OSError like socket.create_connection."""
-    result: list[socket.socket | BaseException] = []
+def call_in(ns: str, fn: Callable[[], T], timeout: float = 3600.0) -> T:
+    """``fn()`` on a helper thread that has entered ``ns``: every socket it makes (paramiko's, the agent
+    link's) lives there and keeps its namespace afterwards. Its exception is raised here."""
+    result: list[Any] = []
 
     def inside() -> None:
         try:
@@ -71,18 +72,24 @@ def connect_in(ns: str, address: tuple[str, int], timeout: float) -> socket.sock
             with open(f"/run/netns/{ns}") as f:
                 if libc.setns(f.fileno(), _CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), "setns failed")
-            result.append(socket.create_connection(address, timeout=timeout))
+            result.append((True, fn()))
         except BaseException as e:  # handed to the caller
-            result.append(e)
+            result.append((False, e))
 
-    t = threading.Thread(target=inside)
+    t = threading.Thread(target=inside, daemon=True)
     t.start()
-    t.join(timeout + 10)
+    t.join(timeout)
     if not result:
-        raise OSError(f"connect to {address} in {ns} did not finish")
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
+        raise OSError(f"{fn!r} in {ns} did not finish within {timeout:.0f} s")
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def connect_in(ns: str, address: tuple[str, int], timeout: float) -> socket.socket:
+    """A TCP socket made inside ``ns`` and connected there. Raises OSError like socket.create_connection."""
+    return call_in(ns, lambda: socket.create_connection(address, timeout=timeout), timeout + 10)
 
 
 class Background:

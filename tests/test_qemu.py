@@ -168,6 +168,25 @@ def test_known_hosts_is_rewritten_for_the_forwarded_port(tmp_path: Path) -> None
     assert guest.known_hosts().read_text() == f"[127.0.0.1]:40022 {KEY}\n"
 
 
+@pytest.mark.parametrize(("last_line", "argv", "expected"), [
+    ("[  812.1] reboot: Restarting system", ["true"], True),  # ./do update's reboot: run-qemu boots it again
+    ("[  812.1] reboot: Power down", ["true"], False),  # powered off: run-qemu ends
+    ("[  812.1] reboot: Restarting system", ["false"], False),  # QEMU failed: an error, not a reboot
+])
+def test_a_reboot_is_told_from_a_power_off(tmp_path: Path, last_line: str, argv: list[str],
+                                           expected: bool) -> None:
+    import subprocess
+
+    image = qemu.find_image(_settings(tmp_path), _fake_build(tmp_path))
+    guest = qemu.QemuGuest(image)
+    guest.workdir = tmp_path / "run"
+    guest.workdir.mkdir()
+    guest.console_log.write_text(f"systemd-shutdown[1]: Syncing filesystems.\r\n{last_line}\r\n")
+    guest.proc = subprocess.Popen(argv)
+    guest.proc.wait(10)
+    assert guest.rebooted() is expected
+
+
 @pytest.mark.integration
 def test_a_guest_that_never_answers_is_stopped_and_reported(tmp_path: Path) -> None:
     image_file = _fake_build(tmp_path)

@@ -1,7 +1,7 @@
 """The A/B system slots on real bootloaders: each board's U-Boot boots the partition marked bootable.
 
 Switching slots is flipping the MBR's bootable flag (./do update does it on the device). The qemu
-board's U-Boot does it for real in tests/test_update.py; the Mk II and Mk I U-Boot cannot run in
+board's U-Boot does it for real in tests/test_system.py; the Mk II and Mk I U-Boot cannot run in
 QEMU, so their built default environment is checked for distro boot's bootable-partition scan.
 """
 

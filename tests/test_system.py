@@ -5,15 +5,18 @@ boots it on a tap at 10.0.0.2/24 with the device at 10.0.0.1 -> `./do provision 
 docs/examples/policy.yaml` (master password from a 0600 --password-file, the generated words shown on and
 typed back through a real pseudo-terminal) -> `./do check --json` passes -> through 10.0.0.1:8550: list
 accounts, sign a text message and an EIP-1559 transaction, recover both to the provisioned address with
-eth-account -> power-cycle (Ctrl-C to run-qemu, the tap goes, run it again on the same --state) -> signing is
-refused while locked, `./do status --json` says locked -> `./do unlock` -> signing works again -> a foreign
-Host and a foreign Origin are refused. Every command is the real command line, run as a subprocess inside
-the namespace; its exit code and output are asserted. The guest boots like a USB armory: U-Boot reads the
-disk's extlinux.conf; a copy of the image with a broken one must fail at once, with the reason; QEMU killed
-under run-qemu is one line and no interface left.
+eth-account; the policy's fee cap and token rule; a foreign Host and Origin refused -> the docs' snippets
+(curl, geth --signer, web3.py, ethers.js) as written -> last, updating: an update stream cut half-way and
+the power pulled (Ctrl-C to run-qemu, run again on the same --state) leave slot 1 running, locked until
+`./do unlock`; `./do update --image B` (run-qemu boots the guest again when it reboots) moves it to slot 2
+with the same host key and account; `./do update --rollback` back to slot 1. Every command is the real
+command line, run as a subprocess inside the namespace; its exit code and output are asserted. The guest
+boots like a USB armory: U-Boot reads the disk's extlinux.conf; a copy of the image with a broken one must
+fail at once, with the reason; QEMU killed under run-qemu is one line and no interface left.
 
 One guest for the module (``device``: booted and provisioned, in the namespace ``device.ns``): later steps
-add tests that take ``device`` and run more commands with ``device.do(...)`` or dial ``device.link()``.
+add tests that take ``device`` and run more commands with ``device.do(...)`` or dial ``device.link()``;
+tests that reboot or update it go at the end of the file (pytest runs them in file order).
 
 Slow (software emulation): minutes. Timings of every phase are written to
 build/system-test/timings.json and printed (see docs/architecture.md for the measured numbers).
@@ -36,12 +39,15 @@ from typing import Any
 
 import pytest
 
+from armory_agent import contract
 from clef_armory import config
-from clef_armory.errors import QemuError
-from provision import qemu
+from clef_armory.errors import QemuError, UpdateError
+from provision import commands, qemu
+from provision import update as updating
 from provision.link import Link
 from provision.qemu import terminate
-from tests.netns_helpers import Background, connect_in, do, ip, links, namespace, run_do
+from provision.ssh import Target
+from tests.netns_helpers import Background, call_in, connect_in, do, ip, links, namespace, run_do
 from tests.words_helpers import PtyUser
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
@@ -95,6 +101,8 @@ def _stale(image: qemu.GuestImage) -> str | None:
     """Why the build in build/qemu/ no longer matches this checkout (None when it does)."""
     from image import build
 
+    if "system" not in image.manifest:
+        return "the image predates the A/B system slots"
     agent = image.manifest.get("agent", {}).get("sha256")
     if agent != build._tree_digest(build.AGENT_SRC):
         return "the agent changed since the image was built"
@@ -183,8 +191,8 @@ class Device:
         """``./do TASK ARGS`` in the namespace, with the build's pinned key and the test's login key."""
         task, *rest = args
         ssh = ["--known-hosts", str(self.image.known_hosts), "--identity", str(self.identity)]
-        return run_do(self.ns, task, *(ssh if task in ("provision", "unlock", "check", "status") else []),
-                      *rest, timeout=timeout, **kw)
+        logs_in = task in ("provision", "unlock", "check", "status", "update")
+        return run_do(self.ns, task, *(ssh if logs_in else []), *rest, timeout=timeout, **kw)
 
     def link(self, timeout: float = SIGN_TIMEOUT) -> Link:
         """10.0.0.1:8550 dialled from inside the namespace, as any client on the laptop would."""
@@ -442,38 +450,6 @@ def test_policy_bounds_fees_and_calls_through_the_link(provisioned: Device) -> N
     status, body = link.rpc("account_signTransaction", [_erc20_transfer(provisioned.address, RECIPIENT, 1)])
     assert status == 200 and "result" in body, body
     assert str(Account.recover_transaction(body["result"]["raw"])).lower() == provisioned.address
-
-
-def test_locked_after_reboot_until_unlocked(provisioned: Device, timings: Timings) -> None:
-    dev = provisioned
-    t0 = time.monotonic()
-    timings.add("power_off_for_cycle", dev.power_off())
-    timings.add("power_cycle_to_sshd", dev.boot())
-    health = _wait_for_state(dev, "locked", READY_TIMEOUT)
-    timings.add("power_cycle_to_agent_locked", time.monotonic() - t0)
-    assert health["state"] == "locked"
-
-    status, body = _sign_text(dev, dev.address, "must not be signed while locked")
-    assert "result" not in (body or {}), body
-    assert status != 200 or "error" in body
-
-    result = dev.do("status", "--json")
-    assert result.returncode == 0, result.stdout + result.stderr
-    st = json.loads(result.stdout)
-    assert st["agent"]["state"] == "locked" and st["health"]["state"] == "locked", st
-    assert [a["address"].lower() for a in st["device"]["accounts"]] == [dev.address]
-
-    t0 = time.monotonic()
-    result = dev.do("unlock", "--password-file", str(dev.password_file))
-    timings.add("unlock_to_ready", time.monotonic() - t0)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().startswith("agent ready (Clef 1.17.3"), result.stdout
-
-    text = "signed again after unlock"
-    t0 = time.monotonic()
-    status, body = _sign_text(dev, dev.address, text)
-    timings.add("sign_text_after_unlock", time.monotonic() - t0)
-    assert status == 200 and _recover_text(text, body["result"]) == dev.address
 
 
 def test_foreign_host_and_origin_refused(provisioned: Device) -> None:
@@ -734,3 +710,172 @@ def test_docs_clients_ethers(dev_chain: Device) -> None:
     lines = result.stdout.split()
     assert lines[:2] == ["true", "true"], result.stdout
     assert _mined_from(dev, lines[2]) == dev.address
+
+
+# -- updating: the cable pulled mid-stream, ./do update, ./do update --rollback (same guest, last) ---------
+# Image B is the test's image with another agent version written into its system slot (debugfs, no mount),
+# re-mapped and re-hashed: a second real build would cost minutes and test nothing more here.
+
+AGENT_INIT = "/usr/lib/python3/dist-packages/armory_agent/__init__.py"
+NEW_VERSION = "99.0.0-update-test"
+
+
+@pytest.fixture(scope="module")
+def image_b(built: tuple[qemu.GuestImage, Path], tmp_path_factory: pytest.TempPathFactory,
+            timings: Timings) -> updating.NewSystem:
+    """The test's image with NEW_VERSION as the agent's version, written into its system slot."""
+    from image import bmap as bmaplib
+    from image.inspect import Image
+
+    t0 = time.monotonic()
+    a = built[0]
+    out = tmp_path_factory.mktemp("image-b")
+    img = out / a.image.name
+    subprocess.run(["cp", "--sparse=always", str(a.image), str(img)], check=True)
+    system = a.manifest["system"]
+    init = out / "__init__.py"
+    text = Image(img).read(AGENT_INIT).decode()
+    old = next(line for line in text.splitlines() if line.startswith("__version__"))
+    init.write_text(text.replace(old, f'__version__ = "{NEW_VERSION}"'))
+    init.chmod(0o644)
+    script = out / "write.debugfs"
+    script.write_text(f"cd {Path(AGENT_INIT).parent}\nrm __init__.py\nwrite {init} __init__.py\n")
+    subprocess.run(["debugfs", "-w", "-f", str(script), f"{img}?offset={system['offset']}"], check=True,
+                   capture_output=True)
+    assert f'__version__ = "{NEW_VERSION}"' in Image(img).read(AGENT_INIT).decode()
+    block_map = bmaplib.create(img, out / f"{img.name}.bmap")
+    ranges = bmaplib.ranges_within(block_map, system["offset"], system["offset"] + system["size"])
+    manifest = json.loads(json.dumps(a.manifest))
+    manifest["agent"]["version"] = NEW_VERSION
+    manifest["system"] = {**system, "mapped_bytes": sum(n for _, n in ranges),
+                          "sha256": bmaplib.ranges_digest(img, system["offset"], ranges)}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    timings.add("derive_image_b", time.monotonic() - t0)
+    return updating.load_system(img)
+
+
+def _session(dev: Device) -> commands.Session:
+    target = Target(host=qemu.DEVICE_ADDRESS, port=22, identity=dev.identity,
+                    known_hosts=dev.image.known_hosts, timeout=60.0)
+    return commands.Session(target, link=Link(host=qemu.DEVICE_ADDRESS, port=qemu.AGENT_PORT, timeout=600))
+
+
+@dataclasses.dataclass(frozen=True)
+class Surveyed:
+    hello: contract.Hello
+    slots: contract.Slots
+    audit: list[str]
+    host_key: str
+
+
+def _survey(dev: Device) -> Surveyed:
+    """hello, slots, the audit log and the host key's fingerprint, over a fresh SSH login from the lab."""
+    from provision.ssh import fingerprint
+
+    def look() -> Surveyed:
+        conn, device = _session(dev).open()
+        with conn:
+            hello = device.hello()
+            slots = contract.Slots.from_json(device.frozen("slots"))
+            audit = conn.run(["sudo", "-n", "cat", "/var/lib/clef-armory/agent/audit.jsonl"]).stdout.decode()
+            key = fingerprint(conn.transport.get_remote_server_key())
+            return Surveyed(hello, slots, audit.splitlines(), key)
+
+    return call_in(dev.ns, look, 300)
+
+
+def _locked_then_unlocked(dev: Device, timings: Timings, label: str) -> None:
+    """After a boot: signing is refused, status says locked, `./do unlock` makes the same account sign."""
+    status, body = _sign_text(dev, dev.address, "must not be signed while locked")
+    assert "result" not in (body or {}), body
+    assert status != 200 or "error" in body
+    result = dev.do("status", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    st = json.loads(result.stdout)
+    assert st["agent"]["state"] == "locked" and st["health"]["state"] == "locked", st
+    assert [a["address"].lower() for a in st["device"]["accounts"]] == [dev.address]
+    t0 = time.monotonic()
+    result = dev.do("unlock", "--password-file", str(dev.password_file))
+    timings.add(f"unlock_{label}", time.monotonic() - t0)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().startswith("agent ready (Clef 1.17.3"), result.stdout
+    text = f"signed again after {label}"
+    status, body = _sign_text(dev, dev.address, text)
+    assert status == 200 and _recover_text(text, body["result"]) == dev.address, body
+
+
+def test_cable_pull_update_and_rollback(provisioned: Device, image_b: updating.NewSystem,
+                                        timings: Timings) -> None:
+    """One guest, as a user's device lives: the cable pulled half-way through an update stream (the
+    stream cut, then the power: Ctrl-C to run-qemu, run again on the same --state) leaves slot 1 running
+    and slot 2 not bootable; the device comes back locked until `./do unlock`. Then `./do update --image B`
+    as typed (run-qemu starts the guest again when it reboots, as the board comes back): slot 2, the new
+    agent, the same host key, locked; unlocked, the same account signs and the audit log goes on. Then
+    `./do update --rollback`: slot 1 and the old agent again."""
+    dev = provisioned
+    before = _survey(dev)
+    assert (before.slots.running, before.slots.bootable, before.hello.board) == (1, 1, "qemu")
+    assert before.host_key == dev.image.manifest["host_keys"]["ed25519"]["fingerprint"]
+    assert before.audit, "the signatures of the tests above are in the audit log"
+    old_version = dev.image.manifest["agent"]["version"]
+    assert before.hello.agent_version == old_version != NEW_VERSION
+
+    # 1. the stream cut half-way (the library's hook: a pulled cable), then the power goes.
+    t0 = time.monotonic()
+    with pytest.raises(UpdateError, match="the stream was cut"):
+        call_in(dev.ns, lambda: updating.update(_session(dev), image_b, log=lambda _: None,
+                                                cut_after=image_b.mapped_bytes // 2), 1200)
+    cut = _survey(dev)
+    assert (cut.slots.running, cut.slots.bootable) == (1, 1) and not cut.slots.slot(2).complete
+    timings.add("update_cut_stream", time.monotonic() - t0)
+    t0 = time.monotonic()
+    timings.add("power_off_for_cycle", dev.power_off())
+    timings.add("power_cycle_to_sshd", dev.boot())
+    assert _wait_for_state(dev, "locked", READY_TIMEOUT)["state"] == "locked"
+    timings.add("power_cycle_to_agent_locked", time.monotonic() - t0)
+    assert _survey(dev).slots.running == 1
+    _locked_then_unlocked(dev, timings, "power_cycle")
+
+    # 2. `./do update` as typed: streams slot 2, reboots into it; run-qemu boots the guest again.
+    t0 = time.monotonic()
+    result = dev.do("update", "--host", "10.0.0.1", "--image", str(image_b.image))
+    timings.add("update_total", time.monotonic() - t0)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    print("\n".join("[update] " + line for line in result.stdout.splitlines()))
+    assert f"agent: {old_version} -> {NEW_VERSION}" in result.stdout, result.stdout
+    assert "slot 2 boots" in result.stdout and "./do unlock" in result.stdout, result.stdout
+    sent = re.search(r"^sent (\d+) MiB for (\d+) MiB of system in (\d+) s$", result.stdout, re.M)
+    assert sent, result.stdout
+    timings.add("update_sent_mib", float(sent.group(1)))
+    timings.add("update_stream", float(sent.group(3)))
+    assert int(sent.group(1)) < int(sent.group(2)) < image_b.manifest["system"]["size"] >> 21
+    assert dev.run is not None and any("the guest rebooted" in x for x in dev.run.lines), dev.run.output()
+    after = _survey(dev)
+    assert (after.hello.agent_version, after.slots.running, after.slots.bootable) == (NEW_VERSION, 2, 2)
+    assert after.host_key == before.host_key
+    _locked_then_unlocked(dev, timings, "update")
+    audit = _survey(dev).audit
+    assert audit[:len(before.audit)] == before.audit and len(audit) > len(before.audit)
+
+    # 3. `./do update --rollback`: slot 1 (which booted before) and the old agent, nothing streamed.
+    t0 = time.monotonic()
+    result = dev.do("update", "--host", "10.0.0.1", "--rollback")
+    timings.add("rollback_total", time.monotonic() - t0)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert "slot 1 boots" in result.stdout, result.stdout
+    back = _survey(dev)
+    assert (back.slots.running, back.slots.bootable, back.host_key) == (1, 1, before.host_key)
+    assert back.hello.agent_version == old_version
+
+
+def test_wrong_board_is_refused(image_b: updating.NewSystem) -> None:
+    hello = contract.Hello(contract=contract.VERSION, agent_version="1", board="mk2")
+    slots = contract.Slots(disk="/dev/mmcblk0", disk_id="0badcafe", running=1, bootable=1, slots=[
+        dataclasses.asdict(contract.Slot(n, f"/dev/mmcblk0p{n}", 1 << 30, n == 1)) for n in (1, 2)])
+    with pytest.raises(UpdateError, match="is for board 'qemu', the device is 'mk2'"):
+        updating.check_compatible(image_b, hello, slots)
+    other = dataclasses.replace(image_b, manifest={**image_b.manifest,
+                                                   "agent": {**image_b.manifest["agent"], "contract": 99}})
+    with pytest.raises(UpdateError, match="the image's agent speaks contract 99"):
+        updating.check_compatible(other, dataclasses.replace(hello, board="qemu"), slots)
+    assert "root=PARTUUID=0badcafe-02 " in updating.extlinux_for(image_b, "0badcafe", 2)
