@@ -185,6 +185,11 @@ BOOT_TRIM = (
     # rules from credentials, networkd's persistent-storage helper, a separate /run/lock tmpfs.
     "kmod-static-nodes.service", "systemd-network-generator.service", "systemd-udev-load-credentials.service",
     "systemd-networkd-persistent-storage.service", "run-lock.mount",
+    # ahead of udevd, so ahead of the data partition sshd and the agent wait for (critical chain, 2026-12-05):
+    # users are made at build time by the packages' postinsts (and with update-done masked, sysusers'
+    # ConditionNeedsUpdate would hold on every boot); / is mounted rw from the command line and has no
+    # fstab line to remount; setup-dev makes the same static /dev nodes as its "early" twin.
+    "systemd-sysusers.service", "systemd-remount-fs.service", "systemd-tmpfiles-setup-dev-early.service",
 )
 
 

@@ -30,6 +30,7 @@ OVERLAY_DIR = Path(__file__).resolve().parent.parent / "overlay"
 MODES: dict[str, tuple[str, str, int]] = {
     "/etc/clef-armory/agent.toml": ("root", "clef", 0o640),
     "/etc/sudoers.d/armory": ("root", "root", 0o440),
+    "/etc/initramfs-tools/hooks/armory-drivers": ("root", "root", 0o755),
     "/usr/local/lib/clef-armory/usb-gadget": ("root", "root", 0o755),
     "/var/lib/clef-armory/ssh/authorized_keys/armory": ("root", "root", 0o644),
 }

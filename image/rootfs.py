@@ -53,20 +53,14 @@ PACKAGES = (
     "rng-tools5",
 )
 
-# Kernel modules that must be in the initramfs so every board finds its root filesystem.
+# Kernel modules the initramfs loads by name: the root file system's. The storage drivers of every
+# board are copied in by the hook below and loaded by udev only where their hardware is.
 INITRAMFS_MODULES = (
     "ext4",
     "crc32c_generic",
-    # qemu -M virt
-    "virtio_mmio",
-    "virtio_pci",
-    "virtio_blk",
-    # USB armory Mk I (i.MX53) and Mk II (i.MX6UL/ULZ): SD/MMC controller
-    "sdhci",
-    "sdhci_pltfm",
-    "sdhci_esdhc_imx",
-    "mmc_block",
 )
+INITRAMFS_HOOK = Path(__file__).resolve().parent.parent / "overlay" / "etc" / "initramfs-tools" / "hooks" / \
+    "armory-drivers"
 
 # dpkg never unpacks these (saves time under qemu-user and space on the device).
 DPKG_EXCLUDES = (
@@ -106,6 +100,7 @@ class RootfsSpec:
     packages: tuple[str, ...] = PACKAGES
     initramfs_modules: tuple[str, ...] = INITRAMFS_MODULES
     dpkg_excludes: tuple[str, ...] = DPKG_EXCLUDES
+    initramfs_hook: Path = INITRAMFS_HOOK
 
     @property
     def suite(self) -> str:
@@ -117,6 +112,7 @@ class RootfsSpec:
     def key(self) -> str:
         data = {"recipe": RECIPE_VERSION, "packages": self.packages,
                 "initramfs_modules": self.initramfs_modules, "dpkg_excludes": self.dpkg_excludes,
+                "initramfs_hook": hashlib.sha256(self.initramfs_hook.read_bytes()).hexdigest(),
                 "archives": self.archives.key_data()}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -159,6 +155,8 @@ def _setup_hook_script(spec: RootfsSpec) -> str:
             f'printf %s {shlex.quote(excludes)} > "$1/etc/dpkg/dpkg.cfg.d/01-armory-excludes"',
             'printf "MODULES=list\\nCOMPRESS=zstd\\n" > "$1/etc/initramfs-tools/conf.d/armory.conf"',
             f'printf %s {shlex.quote(modules)} > "$1/etc/initramfs-tools/modules"',
+            'mkdir -p "$1/etc/initramfs-tools/hooks"',
+            f'install -m 0755 {shlex.quote(str(spec.initramfs_hook))} "$1/etc/initramfs-tools/hooks/"',
             # Neither the kernel's postinst nor the trigger builds an initramfs; we build one at the end.
             'printf "update_initramfs=no\\nbackup_initramfs=no\\n" '
             '> "$1/etc/initramfs-tools/update-initramfs.conf"',

@@ -394,6 +394,17 @@ class QemuGuest:
                  str(self.overlay)], capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise QemuError(f"qemu-img create failed: {result.stderr.strip()}")
+            if state is not None:
+                self._build_mark.write_text(self._build_id + "\n")
+
+    @property
+    def _build_mark(self) -> Path:
+        """Beside a kept state file: which build of the image it was made on (the image's sha256)."""
+        return self.overlay.with_name(self.overlay.name + ".build")
+
+    @property
+    def _build_id(self) -> str:
+        return str(self.image.manifest.get("image_sha256", ""))
 
     def _pin(self, src: Path, name: str) -> Path:
         dest = self.workdir / name
@@ -416,6 +427,12 @@ class QemuGuest:
             raise QemuError(
                 f"state file {self.overlay} belongs to another image ({backing or 'none'}): "
                 "delete it to start from this image")
+        # The same path, rebuilt since: the state's blocks sit on top of different bytes now.
+        mark = self._build_mark.read_text().strip() if self._build_mark.exists() else ""
+        if mark and mark != self._build_id:
+            raise QemuError(
+                f"state file {self.overlay} was made on an earlier build of {self.image.image.name} "
+                "(rebuilt since): delete it to start from this build")
 
     def _netdev(self) -> list[str]:
         if self.tap is not None:

@@ -220,6 +220,24 @@ def test_state_file_must_belong_to_the_image(tmp_path: Path) -> None:
         pass
 
 
+@pytest.mark.integration
+def test_state_file_of_an_earlier_build_is_refused(tmp_path: Path) -> None:
+    """A rebuild writes a new image at the same path: a kept state file on top of the old bytes would be a
+    corrupt disk, so run-qemu --state refuses it (the build is told by the manifest's image_sha256)."""
+    image_file = _fake_build(tmp_path)
+    manifest_file = image_file.parent / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    state = tmp_path / "state.qcow2"
+    for build_id in ("first-build", "second-build"):
+        manifest_file.write_text(json.dumps({**manifest, "image_sha256": build_id}))
+        guest = qemu.QemuGuest(qemu.find_image(_settings(tmp_path), image_file), state=state, boot_timeout=3,
+                               stop_timeout=2)
+        expected = "sshd did not answer" if build_id == "first-build" else "earlier build of"
+        with pytest.raises(QemuError, match=expected), guest:
+            pass
+        assert state.exists() and state.with_name("state.qcow2.build").read_text() == "first-build\n"
+
+
 # -- Debian's real U-Boot on disks that cannot boot -----------------------------------------------------
 
 
