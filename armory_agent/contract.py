@@ -99,6 +99,9 @@ class Slots(Message):
     release: dict[str, Any] | None = None  # the running system's release.json
     debian_version: str = ""
     kernel: str = ""
+    # /proc/sys/kernel/random/boot_id: new on every boot, so ./do update can tell the system that came
+    # back from the one still shutting down ("" from a device that predates the field).
+    boot_id: str = ""
 
     def slot(self, number: int) -> Slot:
         for s in self.slots:

@@ -180,13 +180,17 @@ def slots() -> contract.Slots:
         complete = number == running or bool(known.get("complete"))
         release = running_release() if number == running else known.get("release")
         entries.append(contract.Slot(number, device, size, complete, release).to_json())
-    try:
-        debian = Path("/etc/debian_version").read_text().strip()
-    except OSError:
-        debian = ""
     return contract.Slots(disk=f"/dev/{disk}", disk_id=disk_id(mbr), running=running,
                           bootable=bootable_partition(mbr), slots=entries, release=_release(),
-                          debian_version=debian, kernel=os.uname().release)
+                          debian_version=_first_line("/etc/debian_version"), kernel=os.uname().release,
+                          boot_id=_first_line("/proc/sys/kernel/random/boot_id"))
+
+
+def _first_line(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
 
 
 def write_slot(req: contract.WriteSlot, stream: BinaryIO) -> contract.SlotWritten:

@@ -192,6 +192,17 @@ BOOT_TRIM = (
     "systemd-sysusers.service", "systemd-remount-fs.service", "systemd-tmpfiles-setup-dev-early.service",
 )
 
+# systemd runs every generator before it starts anything; these have nothing to do on the appliance.
+GENERATOR_TRIM = (
+    # would add sshd listeners on AF_VSOCK and a local AF_UNIX socket: sshd listens on the USB link only.
+    "systemd-ssh-generator",
+    # no GPT (the disk is MBR, A/B by the bootable flag), no swap to resume from, no TPM, no SysV scripts
+    # or rc.local, no offline system updates, no units or debug shells from the kernel command line.
+    "systemd-gpt-auto-generator", "systemd-hibernate-resume-generator", "systemd-tpm2-generator",
+    "systemd-sysv-generator", "systemd-rc-local-generator", "systemd-system-update-generator",
+    "systemd-run-generator", "systemd-debug-generator",
+)
+
 
 def _enable_units(tree: Path, board: Board, epoch: int) -> None:
     enable = ["systemd-networkd.service", "nftables.service", "ssh.service",
@@ -213,13 +224,12 @@ def _enable_units(tree: Path, board: Board, epoch: int) -> None:
     _chroot(tree, "systemctl", "mask", "--quiet", *mask, *BOOT_TRIM, epoch=epoch)
     # Debian's default is graphical.target; the appliance has no display.
     _chroot(tree, "systemctl", "set-default", "--quiet", "multi-user.target", epoch=epoch)
-    # systemd's ssh generator would add sshd listeners on AF_VSOCK and a local AF_UNIX socket:
-    # sshd listens on the USB link only.
     generators = tree / "etc" / "systemd" / "system-generators"
     generators.mkdir(parents=True, exist_ok=True)
-    masked = generators / "systemd-ssh-generator"
-    masked.unlink(missing_ok=True)
-    masked.symlink_to("/dev/null")
+    for name in GENERATOR_TRIM:
+        masked = generators / name
+        masked.unlink(missing_ok=True)
+        masked.symlink_to("/dev/null")
 
 
 def _clamp_mtimes(tree: Path, epoch: int) -> None:

@@ -233,18 +233,37 @@ def rollback(device: Device, log: Log) -> int:
     return target
 
 
-def wait_for_ssh(session: Session, timeout: float, log: Log) -> tuple[Connection, Device]:
-    """Log in again once the device is back; the host key must still be the pinned one."""
+def wait_for_reboot(session: Session, boot_id: str, timeout: float,
+                    log: Log) -> tuple[Connection, Device, contract.Hello, contract.Slots]:
+    """Log in again once the device has rebooted; the host key must still be the pinned one. The system
+    still shutting down answers for a moment after "reboot" returns: the one that came back has a new
+    boot id (a device too old to report one must first have gone away)."""
     deadline = time.monotonic() + timeout
-    last = ""
+    last, gone = "", False
     while time.monotonic() < deadline:
         try:
-            return session.open()
+            conn, device = session.open()
         except HostKeyError:
             raise
         except ProvisionError as e:
-            last = str(e)
+            last, gone = str(e), True
             time.sleep(3.0)
+            continue
+        try:
+            hello, slots = _survey(device)
+        except ContractError:
+            conn.close()
+            raise
+        except ProvisionError as e:
+            conn.close()
+            last, gone = str(e), True
+            time.sleep(3.0)
+            continue
+        if (slots.boot_id != boot_id) if slots.boot_id else gone:
+            return conn, device, hello, slots
+        conn.close()
+        last = "still the system from before the reboot"
+        time.sleep(3.0)
     raise UpdateError(f"the device did not come back within {timeout:.0f} s ({last}); if it does not boot, "
                       "recover it with ./do flash --system-only (docs/updating.md)")
 
@@ -276,7 +295,7 @@ def update(session: Session, new: NewSystem | None, *, log: Log = print,
     conn, device = session.open()
     with conn:
         hello, slots = _survey(device)
-        old = _facts(hello, slots)
+        old, boot_id = _facts(hello, slots), slots.boot_id
         if new is None:
             target, stream, took = rollback(device, log), None, 0.0
         else:
@@ -285,9 +304,8 @@ def update(session: Session, new: NewSystem | None, *, log: Log = print,
         device.frozen("reboot")
     if after_reboot is not None:
         after_reboot()
-    conn, device = wait_for_ssh(session, boot_timeout, log)
-    with conn:
-        hello, slots = _survey(device)
+    conn, device, hello, slots = wait_for_reboot(session, boot_id, boot_timeout, log)
+    conn.close()
     if slots.running != target:
         raise UpdateError(f"the device came back on slot {slots.running}, not {target}: the new system did "
                           "not boot (the old one still works; see docs/updating.md)")

@@ -203,7 +203,12 @@ def test_key_files_owners_and_modes(qemu_image: Image, qemu_data: Image) -> None
         assert unit in wants, unit
     assert "rngd.service" not in wants  # no hardware RNG on qemu: masked
     assert qemu_image.readlink("/etc/systemd/system/rngd.service") == "/dev/null"
-    assert qemu_image.readlink("/etc/systemd/system-generators/systemd-ssh-generator") == "/dev/null"
+    from image.build import BOOT_TRIM, GENERATOR_TRIM
+
+    for name in GENERATOR_TRIM:
+        assert qemu_image.readlink(f"/etc/systemd/system-generators/{name}") == "/dev/null", name
+    for unit in ("systemd-sysusers.service", "systemd-remount-fs.service"):
+        assert unit in BOOT_TRIM and qemu_image.readlink(f"/etc/systemd/system/{unit}") == "/dev/null", unit
 
 
 @pytest.mark.slow
