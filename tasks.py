@@ -240,7 +240,7 @@ def _sample_check(settings: Any) -> Any:
         "message": "check: a text message (personal_sign).",
         "at": "check: device time (e.g. 25h) for samples without their own \"at\".",
         "qube": "check: ask as this qube (the agent's User-Agent 'clef-armory-agent qube=NAME').",
-        "chain_id": "check: chain id for the policy's default (default: invoke.yaml).",
+        "chain_id": "check: the device's chain id (Clef --chainid; also the policy's default chain).",
     },
 )
 @user_errors
@@ -265,10 +265,12 @@ def policy(c: Context, action: str, file: str | None = None, tx: str = "", typed
         samples = policycheck.load_samples(Path(tx) if tx else None, Path(typed_data) if typed_data else None,
                                            message)
         print("\n".join(policy_mod.describe(pol)))
+        # The throw-away Clef runs on the chain provisioning would give the device's (--chain-id).
+        chain = settings.chain_id if chain_id else None
         verdicts = policycheck.check(policycheck.host_clef(settings), pol, Path(file).name,
-                                     samples or policycheck.builtin_samples(pol),
+                                     samples or policycheck.builtin_samples(pol, chain),
                                      policycheck.parse_time(at) if at else None,
-                                     f"clef-armory-agent qube={qube}" if qube else None)
+                                     f"clef-armory-agent qube={qube}" if qube else None, chain)
         print(policycheck.table(verdicts))
     elif action == "reset-windows":
         session = _session(c, board, host, port, user, identity, known_hosts)

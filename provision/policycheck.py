@@ -380,9 +380,10 @@ def _checksum(addr: str) -> str:
     return to_checksum_address(addr)
 
 
-def builtin_samples(p: policy_mod.Policy) -> list[tuple[str, str, Any]]:
-    """(name, kind 'tx'|'typed', sample) for the table provision shows before its confirmation."""
-    chain = p.chain_ids[0]
+def builtin_samples(p: policy_mod.Policy, chain_id: int | None = None) -> list[tuple[str, str, Any]]:
+    """(name, kind 'tx'|'typed', sample) for the table provision shows before its confirmation; on
+    ``chain_id`` (the device's Clef chain) or else the policy's first."""
+    chain = chain_id or p.chain_ids[0]
     to = _checksum(p.recipients[0]) if p.recipients else STRANGER
     fee = min(p.max_fee_per_gas_wei, 10**9)
     base = {
@@ -504,10 +505,12 @@ def check(
     samples: list[tuple[str, str, Any]],
     at_ms: int | None = None,
     user_agent: str | None = None,
+    chain_id: int | None = None,
 ) -> list[Verdict]:
-    """Render the rules, run them in a throw-away Clef, and return each sample's verdict."""
+    """Render the rules, run them in a throw-away Clef (``--chainid`` the device's, else the policy's first
+    chain), and return each sample's verdict."""
     text = rules_mod.render(pol, policy_name)
-    with HostSigner(clef_binary, text, pol.chain_ids[0]) as signer:
+    with HostSigner(clef_binary, text, chain_id or pol.chain_ids[0]) as signer:
         return run_samples(signer, samples, at_ms, user_agent)
 
 

@@ -55,6 +55,27 @@ def test_policy_check_task_runs_samples_in_order_at_device_times(tmp_path: Path)
     assert "Traceback" not in bad.stderr
 
 
+def test_policy_check_runs_clef_on_the_devices_chain(tmp_path: Path) -> None:
+    """--chain-id is the chain the device's Clef signs for: the throw-away Clef runs on it too, so a
+    sample for that chain gets the policy's verdict (before, Clef ran on the policy's first chain)."""
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(json.dumps({"chain_ids": [1, 1337], "recipients": [R1], "max_value_eth": "0.05"}))
+    (tmp_path / "tx.json").write_text(json.dumps({**tx(value=10**16), "chainId": hex(1337)}))
+    verdicts = {}
+    for extra in (["--chain-id", "1337"], []):
+        run = subprocess.run(
+            [sys.executable, "-m", "invoke", "policy", "check", str(pol), "--tx", str(tmp_path / "tx.json"),
+             *extra],
+            cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        (row,) = [line for line in run.stdout.splitlines() if line.startswith("tx.json")]
+        verdicts[" ".join(extra) or "policy's first chain"] = row
+    assert "Approve" in verdicts["--chain-id 1337"], verdicts
+    assert "Approve" not in verdicts["policy's first chain"], verdicts
+
+
 def test_provision_sample_table(clef_binary: Path) -> None:
     pol = policy.parse(RICH)
     text = policycheck.sample_table(clef_binary, pol, "policy.yaml")
