@@ -265,7 +265,8 @@ def policy(c: Context, action: str, file: str | None = None, tx: str = "", typed
         samples = policycheck.load_samples(Path(tx) if tx else None, Path(typed_data) if typed_data else None,
                                            message)
         print("\n".join(policy_mod.describe(pol)))
-        # The throw-away Clef runs on the chain provisioning would give the device's (--chain-id).
+        # With --chain-id the throw-away Clef runs on the chain provisioning would give the device's
+        # (settings.chain_id: the flag as a checked int; invoke hands an untyped default over as text).
         chain = settings.chain_id if chain_id else None
         verdicts = policycheck.check(policycheck.host_clef(settings), pol, Path(file).name,
                                      samples or policycheck.builtin_samples(pol, chain),

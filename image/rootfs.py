@@ -31,6 +31,7 @@ from pathlib import Path
 
 from clef_armory.errors import BuildError, PrerequisiteError
 from image.archive import ARCH, ArchiveState
+from image.overlay import OVERLAY_DIR
 
 # Bump when the way the rootfs is made changes in a way the key below does not see.
 RECIPE_VERSION = "4"
@@ -59,8 +60,7 @@ INITRAMFS_MODULES = (
     "ext4",
     "crc32c_generic",
 )
-INITRAMFS_HOOK = Path(__file__).resolve().parent.parent / "overlay" / "etc" / "initramfs-tools" / "hooks" / \
-    "armory-drivers"
+INITRAMFS_HOOK = OVERLAY_DIR / "etc" / "initramfs-tools" / "hooks" / "armory-drivers"
 
 # dpkg never unpacks these (saves time under qemu-user and space on the device).
 DPKG_EXCLUDES = (

@@ -233,36 +233,28 @@ def rollback(device: Device, log: Log) -> int:
     return target
 
 
-def wait_for_reboot(session: Session, boot_id: str, timeout: float,
-                    log: Log) -> tuple[Connection, Device, contract.Hello, contract.Slots]:
-    """Log in again once the device has rebooted; the host key must still be the pinned one. The system
-    still shutting down answers for a moment after "reboot" returns: the one that came back has a new
-    boot id (a device too old to report one must first have gone away)."""
+def wait_for_reboot(session: Session, boot_id: str, timeout: float) -> tuple[contract.Hello, contract.Slots]:
+    """The device's hello and slots once it has rebooted, over a new login with the pinned host key. The
+    system still shutting down answers for a moment after "reboot" returns: the one that came back has a
+    new boot id (a device too old to report one must first have gone away)."""
     deadline = time.monotonic() + timeout
     last, gone = "", False
     while time.monotonic() < deadline:
+        conn: Connection | None = None
         try:
             conn, device = session.open()
-        except HostKeyError:
-            raise
-        except ProvisionError as e:
-            last, gone = str(e), True
-            time.sleep(3.0)
-            continue
-        try:
             hello, slots = _survey(device)
-        except ContractError:
-            conn.close()
-            raise
         except ProvisionError as e:
-            conn.close()
+            if isinstance(e, (HostKeyError, ContractError)):
+                raise
             last, gone = str(e), True
-            time.sleep(3.0)
-            continue
-        if (slots.boot_id != boot_id) if slots.boot_id else gone:
-            return conn, device, hello, slots
-        conn.close()
-        last = "still the system from before the reboot"
+        else:
+            if (slots.boot_id != boot_id) if slots.boot_id else gone:
+                return hello, slots
+            last = "still the system from before the reboot"
+        finally:
+            if conn is not None:
+                conn.close()
         time.sleep(3.0)
     raise UpdateError(f"the device did not come back within {timeout:.0f} s ({last}); if it does not boot, "
                       "recover it with ./do flash --system-only (docs/updating.md)")
@@ -304,8 +296,7 @@ def update(session: Session, new: NewSystem | None, *, log: Log = print,
         device.frozen("reboot")
     if after_reboot is not None:
         after_reboot()
-    conn, device, hello, slots = wait_for_reboot(session, boot_id, boot_timeout, log)
-    conn.close()
+    hello, slots = wait_for_reboot(session, boot_id, boot_timeout)
     if slots.running != target:
         raise UpdateError(f"the device came back on slot {slots.running}, not {target}: the new system did "
                           "not boot (the old one still works; see docs/updating.md)")

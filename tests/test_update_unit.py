@@ -55,7 +55,7 @@ def _no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
 ])
 def test_the_system_that_came_back_is_a_new_boot(before: str, answers: list[str | None], opened: int) -> None:
     session: Any = _Scripted(answers)
-    _conn, _device, _hello, slots = update.wait_for_reboot(session, before, 60, log=lambda _m: None)
+    _hello, slots = update.wait_for_reboot(session, before, 60)
     assert session.opened == opened and slots.boot_id == answers[opened - 1]
 
 
@@ -64,4 +64,4 @@ def test_a_device_that_never_reboots_is_an_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(update.time, "monotonic", lambda: next(clock))
     session: Any = _Scripted(["aaaa"])
     with pytest.raises(UpdateError, match=r"did not come back within 60 s \(still the system from before"):
-        update.wait_for_reboot(session, "aaaa", 60, log=lambda _m: None)
+        update.wait_for_reboot(session, "aaaa", 60)

@@ -129,41 +129,37 @@ def _kept(value: Any, what: str, node: JsonRpcClient) -> int | RpcFailure:
 
 async def gather(node: JsonRpcClient, req: TxRequest) -> NodeFacts:
     """One batch round trip to the node for everything `complete` may need."""
-    calls: list[tuple[str, list[Any]]] = [
-        ("eth_chainId", []),
-        ("eth_getBlockByNumber", ["latest", False]),
-        ("eth_maxPriorityFeePerGas", []),
-        ("eth_gasPrice", []),
-    ]
+    calls: dict[str, tuple[str, list[Any]]] = {  # what we call each answer -> the call
+        "chain": ("eth_chainId", []),
+        "block": ("eth_getBlockByNumber", ["latest", False]),
+        "priority": ("eth_maxPriorityFeePerGas", []),
+        "gas_price": ("eth_gasPrice", []),
+    }
     if req.nonce is None:
-        calls.append(("eth_getTransactionCount", [req.sender, "pending"]))
-        calls.append(("eth_getTransactionCount", [req.sender, "latest"]))
+        calls["pending"] = ("eth_getTransactionCount", [req.sender, "pending"])
+        calls["mined"] = ("eth_getTransactionCount", [req.sender, "latest"])
     if req.gas is None:
-        calls.append(("eth_estimateGas", [estimate_call(req)]))
-    keys = [m if m != "eth_getTransactionCount" else f"{m}/{p[1]}" for m, p in calls]
-    answers = dict(zip(keys, await node.batch(calls), strict=True))
-    for must in ("eth_chainId", "eth_getBlockByNumber", "eth_getTransactionCount/pending",
-                 "eth_getTransactionCount/latest"):
-        if isinstance(answers.get(must), RpcFailure):
-            failure = answers[must]
-            raise node.unavailable(f"refused {must.split('/')[0]}: {failure.message}")
-    block = answers["eth_getBlockByNumber"]
+        calls["estimate"] = ("eth_estimateGas", [estimate_call(req)])
+    answers = dict(zip(calls, await node.batch(list(calls.values())), strict=True))
+    for must in ("chain", "block", "pending", "mined"):
+        failure = answers.get(must)
+        if isinstance(failure, RpcFailure):
+            raise node.unavailable(f"refused {calls[must][0]}: {failure.message}")
+    block = answers["block"]
     if not isinstance(block, dict):
         raise node.unavailable("answered eth_getBlockByNumber with something that is not a block")
     base = block.get("baseFeePerGas")
-    pending = answers.get("eth_getTransactionCount/pending")
-    mined = answers.get("eth_getTransactionCount/latest")
-    gas = answers.get("eth_estimateGas")
+    pending, mined, gas = answers.get("pending"), answers.get("mined"), answers.get("estimate")
     return NodeFacts(
-        chain_id=_as_int(answers["eth_chainId"], "eth_chainId", node),
+        chain_id=_as_int(answers["chain"], "eth_chainId", node),
         # geth's pool answers "pending" from its own state, which trails a block it has just mined by
         # a moment; the pending count is never lower than the mined one, so take the larger.
         pending_nonce=None if pending is None or mined is None else max(
             _as_int(pending, "eth_getTransactionCount", node),
             _as_int(mined, "eth_getTransactionCount", node)),
         base_fee=None if base is None else _as_int(base, "baseFeePerGas", node),
-        priority_fee=_kept(answers["eth_maxPriorityFeePerGas"], "eth_maxPriorityFeePerGas", node),
-        gas_price=_kept(answers["eth_gasPrice"], "eth_gasPrice", node),
+        priority_fee=_kept(answers["priority"], "eth_maxPriorityFeePerGas", node),
+        gas_price=_kept(answers["gas_price"], "eth_gasPrice", node),
         gas_estimate=None if gas is None else _kept(gas, "eth_estimateGas", node),
     )
 
