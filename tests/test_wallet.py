@@ -547,6 +547,10 @@ def test_geth_dev(geth_binary: Path, wallet_tools: Path, armory: Armory,
             w3 = Web3(HTTPProvider(w.url, request_kwargs={"timeout": 120}))
             first = "0x" + bytes(w3.eth.send_transaction({"from": state.address, "to": RECIPIENT,
                                                           "value": 10**15})).hex()
+            # cast fills the nonce itself from eth_getTransactionCount(..., "latest") and the wallet keeps a
+            # given nonce: on geth, which mines a moment after the send returns, cast must wait for the
+            # first transaction to be mined (it would take nonce 0 again; CI saw "nonce too low").
+            wait_receipt(node.url, first)
             created = cast(wallet_tools, "send", "--unlocked", "--from", state.address, "--rpc-url", w.url,
                            "--create", counter["bytecode"])["transactionHash"]
             receipts = [checked_receipt(node, h, state.address) for h in (first, created)]
